@@ -1,0 +1,192 @@
+"""Everything the kit is configured by, in one place: classes, stages, profiles, paths.
+
+Other modules import from here and never hard-code a size, a path or a rate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+COMPETITION = "sf-dl-car-classification"
+COMPETITION_URL = f"https://www.kaggle.com/competitions/{COMPETITION}"
+
+# Category index -> car model, from the competition's description.
+CLASS_NAMES: tuple[str, ...] = (
+    "Lada Priora",
+    "Ford Focus",
+    "Lada 2114 (Samara)",
+    "Lada 2110",
+    "Lada 2107 (Zhiguli)",
+    "Lada Niva",
+    "Lada Kalina",
+    "Lada 2109",
+    "Volkswagen Passat",
+    "Lada 21099",
+)
+NUM_CLASSES = len(CLASS_NAMES)
+
+SEED = 42
+VAL_FRACTION = 0.2
+TTA_VIEWS = 10
+CACHE_SCALE = 1.15  # cached shorter side = 1.15 x the stage's image size, so random crops have room
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One row of the fine-tuning schedule (fastai's staged unfreezing, as a table)."""
+
+    step: int
+    image_size: int
+    batch_size: int
+    lr: float
+    epochs: int
+    trainable: float  # fraction of backbone blocks unfrozen, counted from the top
+    light_augment: bool = False  # 448 px stages drop noise and colour shifts, as the recipe did
+    plateau_patience: int = 3
+    plateau_factor: float = 0.2
+    early_stop_patience: int = 6
+    steps_per_epoch: int | None = None  # None: the whole training split
+
+    @property
+    def min_lr(self) -> float:
+        return self.lr / 100
+
+    def describe_trainable(self) -> str:
+        if self.trainable <= 0:
+            return "head only"
+        if self.trainable >= 1:
+            return "all"
+        return f"top {self.trainable:g} of the backbone"
+
+
+# The original seven-stage EfficientNetB6 recipe (0.974 validation accuracy).
+COLAB_STAGES: tuple[Stage, ...] = (
+    Stage(1, 224, 64, 1e-4, 5, 0.0),
+    Stage(2, 224, 32, 5e-5, 10, 0.5),
+    Stage(3, 224, 32, 5e-5, 10, 0.75),
+    Stage(4, 224, 16, 1e-5, 10, 1.0),
+    Stage(5, 448, 4, 1e-5, 8, 1.0, light_augment=True),
+    Stage(6, 448, 4, 1e-5, 6, 1.0, light_augment=True),  # continues stage 5
+    Stage(7, 448, 4, 1e-6, 10, 1.0, light_augment=True, plateau_patience=2),
+)
+
+# Same shape, tiny sizes: all seven stages in a few minutes on a 2-core CPU.
+SMOKE_STAGES: tuple[Stage, ...] = (
+    Stage(1, 48, 32, 3e-3, 3, 0.0),
+    Stage(2, 48, 32, 2e-3, 3, 0.5),
+    Stage(3, 48, 32, 2e-3, 3, 0.75),
+    Stage(4, 48, 32, 1e-3, 3, 1.0),
+    Stage(5, 64, 32, 5e-4, 2, 1.0, light_augment=True),
+    Stage(6, 64, 32, 5e-4, 2, 1.0, light_augment=True),
+    Stage(7, 64, 32, 1e-4, 2, 1.0, light_augment=True, plateau_patience=2),
+)
+
+
+@dataclass(frozen=True)
+class Head:
+    """The classifier on top of the backbone, as in the original recipe."""
+
+    units: int = 256
+    dropout: float = 0.25
+    bn_momentum: float = 0.99  # Keras' default; tiny runs need 0.9 for the statistics to settle in time
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    backbone: str
+    weights: str  # "imagenet", "noisy-student", "none" or a path to a weights file
+    stages: tuple[Stage, ...]
+    head: Head = Head()
+    synthetic: dict = field(default_factory=dict)  # download --synthetic arguments, smoke only
+    subdir: str = ""  # the smoke profile keeps to <workdir>/smoke so it never touches real data
+
+
+PROFILES: dict[str, Profile] = {
+    "colab": Profile("colab", "efficientnet-b6", "imagenet", COLAB_STAGES),
+    "smoke": Profile(
+        "smoke",
+        "tiny-cnn",
+        "none",
+        SMOKE_STAGES,
+        head=Head(units=64, dropout=0.1, bn_momentum=0.9),
+        synthetic={"per_class": 80, "test": 40, "size": (160, 120)},
+        subdir="smoke",
+    ),
+}
+
+
+def stage_of(profile: Profile, step: int) -> Stage:
+    for stage in profile.stages:
+        if stage.step == step:
+            return stage
+    raise KeyError(step)
+
+
+def override_stage(stage: Stage, **changes) -> Stage:
+    """The stage with every non-None command-line override applied."""
+    return dataclasses.replace(stage, **{k: v for k, v in changes.items() if v is not None})
+
+
+@dataclass(frozen=True)
+class Workdir:
+    """The one folder that holds data, weights and submissions (Google Drive on Colab)."""
+
+    root: Path
+
+    @classmethod
+    def resolve(cls, path: str | os.PathLike | None = None, profile: Profile | None = None) -> "Workdir":
+        root = Path(path or os.environ.get("KIT_WORKDIR") or ".").expanduser().resolve()
+        if profile is not None and profile.subdir:
+            root = root / profile.subdir
+        return cls(root)
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def train_csv(self) -> Path:
+        return self.data / "train.csv"
+
+    @property
+    def sample_submission(self) -> Path:
+        return self.data / "sample-submission.csv"
+
+    @property
+    def train_dir(self) -> Path:
+        return self.data / "train"
+
+    @property
+    def test_dir(self) -> Path:
+        return self.data / "test_upload"
+
+    @property
+    def split_csv(self) -> Path:
+        return self.data / "split.csv"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def weights(self) -> Path:
+        return self.root / "weights"
+
+    @property
+    def manifest(self) -> Path:
+        return self.weights / "state.json"
+
+    def stage_dir(self, step: int) -> Path:
+        return self.weights / f"stage_{step}"
+
+    @property
+    def submissions(self) -> Path:
+        return self.root / "submissions"
+
+    @property
+    def report(self) -> Path:
+        return self.submissions / "report"

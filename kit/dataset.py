@@ -1,0 +1,151 @@
+"""The dataset index: which images exist, their labels, the saved train/validation split.
+
+Reading an image lives here too, so training, prediction and the demo all see the same pixels.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageOps
+
+from kit.cli import KitError
+from kit.config import NUM_CLASSES, SEED, VAL_FRACTION, Workdir
+from kit.download import require_dataset
+from kit.files import write_text
+
+MAX_PIXELS = 40_000_000  # a 40-megapixel photo is already far more than any ad photo needs
+
+cv2.setNumThreads(1)  # the loaders parallelise over images; nested OpenCV threads only fight them
+
+
+class UnreadableImage(ValueError):
+    """The file is not an image we can decode (corrupt, truncated, not an image, too large)."""
+
+
+def open_image(source: str | Path | Image.Image, draft: tuple[int, int] | None = None) -> Image.Image:
+    """An upright RGB PIL image from a path or an image, whatever its mode, EXIF rotation or alpha.
+
+    `draft` lets JPEG decoding skip detail the caller will throw away (DCT scaling): a large
+    speed-up when the target is much smaller than the photo.
+    """
+    try:
+        image = source if isinstance(source, Image.Image) else Image.open(source)
+        if image.width * image.height > MAX_PIXELS:
+            raise UnreadableImage(f"the image is {image.width}x{image.height} pixels; the limit is "
+                                  f"{MAX_PIXELS // 1_000_000} megapixels")
+        if draft is not None and image.format == "JPEG":
+            image.draft("RGB", draft)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image.load()
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(background, rgba)
+        return image.convert("RGB")
+    except UnreadableImage:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise UnreadableImage(str(error) or type(error).__name__) from None
+
+
+def resized_short_side(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """(W, H) with the shorter side `short_side`, never enlarging the original."""
+    scale = min(1.0, short_side / min(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def load_resized(source: str | Path | Image.Image, short_side: int) -> np.ndarray:
+    """Decode and shrink so the shorter side is `short_side`: the pixels the cache stores.
+
+    The cached and uncached paths both go through this function, so they agree pixel for pixel.
+    """
+    image = open_image(source)
+    if image.width < 2 or image.height < 2:
+        image = image.resize((2, 2))
+    w, h = resized_short_side(image.width, image.height, short_side)
+    array = np.asarray(image)
+    if (w, h) == (image.width, image.height):
+        return np.ascontiguousarray(array)
+    return cv2.resize(array, (w, h), interpolation=cv2.INTER_AREA)
+
+
+@dataclass(frozen=True)
+class Split:
+    """Training and validation Ids, labels and file paths."""
+
+    train: pd.DataFrame  # columns Id, Category, path
+    val: pd.DataFrame
+
+
+def read_train(workdir: Workdir) -> pd.DataFrame:
+    """train.csv with the path of every image."""
+    require_dataset(workdir)
+    frame = pd.read_csv(workdir.train_csv, dtype={"Id": str})
+    frame["path"] = [str(workdir.train_dir / str(c) / i) for i, c in zip(frame.Id, frame.Category)]
+    frame["row"] = np.arange(len(frame))  # position in the image cache of all training images
+    return frame
+
+
+def read_test(workdir: Workdir) -> pd.DataFrame:
+    """The test Ids in sample-submission.csv's order, with their paths."""
+    require_dataset(workdir)
+    frame = pd.read_csv(workdir.sample_submission, dtype={"Id": str})[["Id"]]
+    frame["path"] = [str(workdir.test_dir / i) for i in frame.Id]
+    return frame
+
+
+def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
+    """A boolean mask of validation rows holding `val_fraction` of every class."""
+    rng = np.random.default_rng(seed)
+    is_val = np.zeros(len(labels), bool)
+    for label in np.unique(labels):
+        rows = np.flatnonzero(labels == label)
+        rows = rows[rng.permutation(len(rows))]
+        is_val[rows[: round(len(rows) * val_fraction)]] = True
+    return is_val
+
+
+def load_split(workdir: Workdir, val_fraction: float = VAL_FRACTION, seed: int = SEED) -> Split:
+    """The split saved in the work directory, computed and saved on first use.
+
+    Every stage and every resumed run must see the same validation images, or stage-to-stage
+    accuracies would not compare and validation images would leak into training.
+    """
+    frame = read_train(workdir)
+    if workdir.split_csv.is_file():
+        saved = pd.read_csv(workdir.split_csv, dtype={"Id": str})
+        if set(saved.Id) != set(frame.Id):
+            raise KitError(f"The saved split {workdir.split_csv} does not match train.csv (the data changed). "
+                           "If you really mean to start over, delete it together with weights/ and train again.")
+        is_val = frame.Id.map(dict(zip(saved.Id, saved.fold == "val"))).to_numpy(bool)
+    else:
+        is_val = stratified_split(frame.Category.to_numpy(), val_fraction, seed)
+        fold = np.where(is_val, "val", "train")
+        write_text(workdir.split_csv, frame[["Id", "Category"]].assign(fold=fold).to_csv(index=False))
+    return Split(frame[~is_val].reset_index(drop=True), frame[is_val].reset_index(drop=True))
+
+
+def class_weights(labels: np.ndarray) -> dict[int, float]:
+    """'Balanced' weights n / (classes * count), so every class pulls equally on the loss."""
+    counts = np.bincount(labels, minlength=NUM_CLASSES)
+    return {k: float(len(labels) / (NUM_CLASSES * n)) if n else 0.0 for k, n in enumerate(counts)}
+
+
+def drop_unreadable(frame: pd.DataFrame, unreadable: dict[str, str], what: str) -> pd.DataFrame:
+    """Exclude images that could not be decoded, saying which; nothing disappears silently."""
+    if not unreadable:
+        return frame
+    bad = frame.path.isin(unreadable)
+    if bad.any():
+        print(f"{bad.sum()} {what} images could not be read and are excluded:")
+        for path in frame.path[bad]:
+            print(f"  {Path(path).name}: {unreadable[path]}")
+    return frame[~bad].reset_index(drop=True)

@@ -1,0 +1,262 @@
+"""The input pipeline: an on-disk cache of resized images and a parallel, resumable batch loader.
+
+Decoding a 640x480 JPEG costs more than augmenting its 256 px copy, and the recipe decoded every
+photo again in every epoch. The cache decodes each photo once per stage size into one flat
+uint8 file, memory-mapped, so it lives on disk rather than in RAM and every later stage, resumed
+run, prediction and report reads raw pixels. Batches leave the CPU as uint8; the float
+conversion and normalisation are the model's first layers, on the accelerator.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from kit import augment
+from kit.config import CACHE_SCALE
+from kit.dataset import UnreadableImage, load_resized, resized_short_side
+from kit.files import write_bytes, write_text
+
+CACHE_VERSION = 1  # bump when load_resized changes, so old caches are rebuilt
+DEFAULT_WORKERS = os.cpu_count() or 2
+
+_EXIF_ORIENTATION = 0x0112
+
+
+def cache_short_side(image_size: int) -> int:
+    return round(image_size * CACHE_SCALE)
+
+
+def default_cache_root(workdir_cache: Path) -> Path:
+    """$KIT_CACHE_DIR when set (e.g. Colab's local disk, which is faster than Drive), else the work directory's."""
+    return Path(os.environ.get("KIT_CACHE_DIR") or workdir_cache)
+
+
+def fingerprint(paths: Sequence[str], short_side: int) -> str:
+    """Changes when any source file changes (size or modification time), the file list, or the size."""
+    digest = hashlib.sha1(f"v{CACHE_VERSION} {short_side}\n".encode())
+    for path in paths:
+        stat = os.stat(path)
+        digest.update(f"{path} {stat.st_size} {stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+class ImageCache:
+    """Resized images of a fixed list of files, in `folder`, addressed by position in that list.
+
+    Files: layout.npz (offsets and shapes, written first), pixels.u8 (all pixels back to back),
+    done.npy (which images are written and flushed), meta.json (written last: complete).
+    An interrupted build is continued from done.npy; a mismatched fingerprint starts over.
+    """
+
+    def __init__(self, folder: Path, paths: Sequence[str], short_side: int, workers: int = DEFAULT_WORKERS,
+                 progress: bool = True):
+        self.folder, self.paths, self.short_side = folder, list(paths), short_side
+        self.fingerprint = fingerprint(self.paths, short_side)
+        meta = self._read_meta()
+        if meta.get("fingerprint") != self.fingerprint:
+            shutil.rmtree(folder, ignore_errors=True)
+            meta = {}
+        if not meta.get("complete"):
+            self._build(workers, progress)
+            meta = self._read_meta()
+        self.unreadable: dict[str, str] = meta["unreadable"]
+        layout = np.load(folder / "layout.npz")
+        self.offsets, self.shapes = layout["offsets"], layout["shapes"]
+        self.pixels = np.memmap(folder / "pixels.u8", np.uint8, mode="r")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        if self.paths[index] in self.unreadable:
+            raise UnreadableImage(self.unreadable[self.paths[index]])
+        h, w = self.shapes[index]
+        start = int(self.offsets[index])
+        return self.pixels[start:start + h * w * 3].reshape(h, w, 3)
+
+    def _read_meta(self) -> dict:
+        try:
+            return json.loads((self.folder / "meta.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _build(self, workers: int, progress: bool) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_text(self.folder / "meta.json", json.dumps({"fingerprint": self.fingerprint, "complete": False}))
+        layout_file, pixels_file, done_file = (self.folder / n for n in ("layout.npz", "pixels.u8", "done.npy"))
+        if not layout_file.is_file():
+            shapes = np.array([self._planned_shape(p) for p in self.paths], np.int64).reshape(-1, 2)
+            sizes = shapes[:, 0] * shapes[:, 1] * 3
+            offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+            with open(pixels_file, "wb") as f:
+                f.truncate(max(1, int(sizes.sum())))  # sparse: no disk is used until written
+            _save_npz(layout_file, offsets=offsets, shapes=shapes)
+        layout = np.load(layout_file)
+        offsets, shapes = layout["offsets"], layout["shapes"]
+        done = np.load(done_file) if done_file.is_file() else np.zeros(len(self.paths), bool)
+        unreadable = self._read_meta().get("unreadable", {})
+        pixels = np.memmap(pixels_file, np.uint8, mode="r+")
+        todo = np.flatnonzero(~done)
+
+        def decode(index: int) -> tuple[int, np.ndarray | str]:
+            try:
+                return index, load_resized(self.paths[index], self.short_side)
+            except UnreadableImage as error:
+                return index, str(error)
+
+        last_flush = time.monotonic()
+        with ThreadPoolExecutor(workers) as pool, tqdm(total=len(todo), desc=f"caching images at {self.short_side} px",
+                                                          disable=not progress or not len(todo), mininterval=1.0) as bar:
+            for index, result in pool.map(decode, todo):
+                h, w = shapes[index]
+                if isinstance(result, str) or result.shape != (h, w, 3):
+                    unreadable[self.paths[index]] = result if isinstance(result, str) else "size changed while caching"
+                else:
+                    start = int(offsets[index])
+                    pixels[start:start + h * w * 3] = result.reshape(-1)
+                done[index] = True
+                bar.update()
+                if time.monotonic() - last_flush > 5:
+                    self._checkpoint(pixels, done, unreadable, complete=False)
+                    last_flush = time.monotonic()
+        self._checkpoint(pixels, done, unreadable, complete=True)
+
+    def _checkpoint(self, pixels: np.memmap, done: np.ndarray, unreadable: dict, complete: bool) -> None:
+        # Pixels reach the disk before done.npy claims them, and meta.json says complete last.
+        pixels.flush()
+        buffer = _npy_bytes(done)
+        write_bytes(self.folder / "done.npy", buffer)
+        write_text(self.folder / "meta.json", json.dumps(
+            {"fingerprint": self.fingerprint, "complete": complete, "unreadable": unreadable,
+             "short_side": self.short_side, "images": len(self.paths)}))
+
+    def _planned_shape(self, path: str) -> tuple[int, int]:
+        """(H, W) after resizing, from the header alone; (0, 0) when the header is unreadable."""
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+                if image.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
+                    width, height = height, width
+        except Exception:  # noqa: BLE001 - any failure here means: unreadable, decided when decoding
+            return 0, 0
+        if width < 2 or height < 2:
+            width, height = 2, 2
+        w, h = resized_short_side(width, height, self.short_side)
+        return h, w
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    write_bytes(path, buffer.getvalue())
+
+
+def open_cache(cache_root: Path, name: str, paths: Sequence[str], image_size: int,
+               workers: int = DEFAULT_WORKERS, progress: bool = True) -> ImageCache:
+    """The cache of `paths` for a stage size, built (or finished) on first use."""
+    short = cache_short_side(image_size)
+    return ImageCache(Path(cache_root) / f"{name}-{short}", paths, short, workers, progress)
+
+
+class Uncached:
+    """The same interface as ImageCache, decoding every time: the baseline, and tests' reference."""
+
+    def __init__(self, paths: Sequence[str], image_size: int):
+        self.paths, self.short_side = list(paths), cache_short_side(image_size)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return load_resized(self.paths[index], self.short_side)
+
+
+ImageSource = Callable[[int], np.ndarray]
+
+
+class Batches:
+    """Batches of (uint8 images, labels), each a pure function of (seed, stage, epoch, step).
+
+    Training order is a seeded permutation per epoch; image i of the epoch is augmented with
+    sample_seed(seed, stage, epoch, i). So `epoch(e, start=s)` yields exactly the batches s, s+1, ...
+    that an uninterrupted epoch would have: this is what makes resume exact.
+    """
+
+    def __init__(self, images: ImageCache | Uncached, labels: np.ndarray, batch_size: int,
+                 make_transform: Callable[[], object], seed: int, stage: int, shuffle: bool,
+                 workers: int = DEFAULT_WORKERS, steps: int | None = None, positions: np.ndarray | None = None):
+        self.images, self.labels = images, np.asarray(labels)
+        # Where each labelled image sits in `images` (a split is a subset of the cache).
+        self.positions = np.arange(len(self.labels)) if positions is None else np.asarray(positions)
+        self.batch_size, self.make_transform = batch_size, make_transform
+        self.seed, self.stage, self.shuffle, self.workers = seed, stage, shuffle, workers
+        full = -(-len(self.labels) // batch_size)
+        self.steps = min(steps, full) if steps else full
+        self._local = threading.local()
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(len(self.labels))
+        return np.random.default_rng(augment.sample_seed(self.seed, self.stage, epoch)).permutation(len(self.labels))
+
+    def batch(self, epoch: int, step: int, order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        order = self.order(epoch) if order is None else order
+        rows = order[step * self.batch_size:(step + 1) * self.batch_size]
+        transform = getattr(self._local, "transform", None)
+        if transform is None:  # one transform per thread: reseeding a shared one would race
+            transform = self._local.transform = self.make_transform()
+        first = augment.apply(transform, self.images[self.positions[rows[0]]], self._seed(epoch, step, 0))
+        x = np.empty((len(rows),) + first.shape, np.uint8)
+        x[0] = first
+        for k, row in enumerate(rows[1:], start=1):
+            x[k] = augment.apply(transform, self.images[self.positions[row]], self._seed(epoch, step, k))
+        return x, self.labels[rows]
+
+    def _seed(self, epoch: int, step: int, k: int) -> int:
+        return augment.sample_seed(self.seed, self.stage, epoch, step * self.batch_size + k)
+
+    def epoch(self, epoch: int, start: int = 0, prefetch: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield batches start..steps-1 of `epoch`, built ahead on `workers` threads, in order."""
+        order = self.order(epoch)
+        steps = range(start, self.steps)
+        if self.workers <= 1:
+            for step in steps:
+                yield self.batch(epoch, step, order)
+            return
+        ahead = prefetch or 2 * self.workers
+        with ThreadPoolExecutor(self.workers) as pool:
+            pending: deque = deque()
+            it = iter(steps)
+            for step in it:
+                pending.append(pool.submit(self.batch, epoch, step, order))
+                if len(pending) >= ahead:
+                    break
+            while pending:
+                future = pending.popleft()
+                next_step = next(it, None)
+                if next_step is not None:
+                    pending.append(pool.submit(self.batch, epoch, next_step, order))
+                yield future.result()

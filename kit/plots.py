@@ -1,0 +1,63 @@
+"""The pictures people look at instead of tables: training curves and the confusion matrix."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+os.environ.setdefault("MPLBACKEND", "Agg")  # no display on Colab's runtime or in CI
+
+
+def _save(figure, path: Path) -> None:
+    from kit.files import atomic_path
+
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+
+
+def plot_curves(histories: dict[str, list[dict]], path: Path) -> None:
+    """Accuracy and loss, train and validation, one column per stage, side by side."""
+    import matplotlib.pyplot as plt
+
+    stages = [(name, h) for name, h in histories.items() if h]
+    if not stages:
+        return
+    figure, axes = plt.subplots(2, len(stages), figsize=(3.2 * len(stages) + 1, 6), squeeze=False, sharey="row")
+    for column, (name, history) in enumerate(stages):
+        epochs = [row["epoch"] for row in history]
+        for row_index, metric in enumerate(("accuracy", "loss")):
+            ax = axes[row_index][column]
+            ax.plot(epochs, [r[metric] for r in history], "o-", label="train")
+            ax.plot(epochs, [r[f"val_{metric}"] for r in history], "o-", label="validation")
+            ax.set_title(f"{name}: {metric}", fontsize=10)
+            ax.set_xlabel("epoch")
+            ax.grid(alpha=0.3)
+        axes[0][column].legend(fontsize=8)
+    figure.tight_layout()
+    _save(figure, path)
+    plt.close(figure)
+
+
+def plot_confusion(matrix: np.ndarray, names: Sequence[str], path: Path, title: str) -> None:
+    """Counts with row-normalised colours, so a weak small class stands out as much as a big one."""
+    import matplotlib.pyplot as plt
+
+    rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    figure, ax = plt.subplots(figsize=(9, 8))
+    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    for i in range(len(names)):
+        for j in range(len(names)):
+            if matrix[i, j]:
+                ax.text(j, i, int(matrix[i, j]), ha="center", va="center",
+                        color="white" if rates[i, j] > 0.5 else "black", fontsize=9)
+    figure.tight_layout()
+    _save(figure, path)
+    plt.close(figure)
