@@ -19,7 +19,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -119,9 +119,9 @@ class ImageCache:
                 return index, str(error)
 
         last_flush = time.monotonic()
-        with ThreadPoolExecutor(workers) as pool, tqdm(total=len(todo), desc=f"caching images at {self.short_side} px",
-                                                          disable=not progress or not len(todo), mininterval=1.0) as bar:
-            for index, result in pool.map(decode, todo):
+        with tqdm(total=len(todo), desc=f"caching images at {self.short_side} px",
+                  disable=not progress or not len(todo), mininterval=1.0) as bar:
+            for index, result in ordered_map(decode, todo, workers, ahead=4 * workers):
                 h, w = shapes[index]
                 if isinstance(result, str) or result.shape != (h, w, 3):
                     unreadable[self.paths[index]] = result if isinstance(result, str) else "size changed while caching"
@@ -238,25 +238,27 @@ class Batches:
     def _seed(self, epoch: int, step: int, k: int) -> int:
         return augment.sample_seed(self.seed, self.stage, epoch, step * self.batch_size + k)
 
-    def epoch(self, epoch: int, start: int = 0, prefetch: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield batches start..steps-1 of `epoch`, built ahead on `workers` threads, in order."""
         order = self.order(epoch)
-        steps = range(start, self.steps)
-        if self.workers <= 1:
-            for step in steps:
-                yield self.batch(epoch, step, order)
-            return
-        ahead = prefetch or 2 * self.workers
-        with ThreadPoolExecutor(self.workers) as pool:
-            pending: deque = deque()
-            it = iter(steps)
-            for step in it:
-                pending.append(pool.submit(self.batch, epoch, step, order))
-                if len(pending) >= ahead:
-                    break
-            while pending:
-                future = pending.popleft()
-                next_step = next(it, None)
-                if next_step is not None:
-                    pending.append(pool.submit(self.batch, epoch, next_step, order))
-                yield future.result()
+        yield from ordered_map(lambda step: self.batch(epoch, step, order), range(start, self.steps), self.workers)
+
+
+def ordered_map(function: Callable, items: Iterable, workers: int, ahead: int | None = None) -> Iterator:
+    """`map(function, items)` on `workers` threads, in order, at most `ahead` results in memory.
+
+    Unlike Executor.map, which submits everything at once, this never runs far ahead of the
+    consumer: on a CPU-bound model, prepared batches would otherwise pile up in RAM.
+    """
+    if workers <= 1:
+        yield from map(function, items)
+        return
+    ahead = ahead or 2 * workers
+    with ThreadPoolExecutor(workers) as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(function, item))
+            if len(pending) >= ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()

@@ -293,7 +293,8 @@ def run_stage(workdir: Workdir, stage: Stage, config: RunConfig, options: Option
             if val_accuracy > state["best_val_accuracy"]:
                 # Best weights are written before the checkpoint that records them, never replaced by worse ones.
                 checkpoint.save(folder / BEST, model, {"val_accuracy": val_accuracy, "epoch": epoch + 1,
-                                                       "stage": stage.step, "config": state["config"]})
+                                                       "stage": stage.step, "image_size": stage.image_size,
+                                                       "config": state["config"]})
                 state["best_val_accuracy"], state["best_epoch"] = val_accuracy, epoch + 1
             state["stopped_early"] = after_epoch(state, stage, val_accuracy)
             model.optimizer.learning_rate.assign(state["lr"])

@@ -1,0 +1,67 @@
+"""Run the whole job, continuing where it stopped: data, every stage not yet done, prediction.
+
+    python -m kit                     # the real competition (Kaggle credentials, a GPU)
+    python -m kit --smoke             # synthetic data, tiny backbone: minutes on a CPU, no network
+    python -m kit --time-budget 700   # stop with a checkpoint before a session limit; run again to continue
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Sequence
+
+from kit.cli import add_workdir, main_guard
+from kit.config import PROFILES, TTA_VIEWS, Workdir
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from kit.stage import add_training_options
+
+    parser = argparse.ArgumentParser(prog="python -m kit", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_workdir(parser)
+    parser.add_argument("--smoke", action="store_true", help="the smoke profile on synthetic data, in <workdir>/smoke")
+    parser.add_argument("--tta", type=int, default=TTA_VIEWS, help=f"test-time views (default {TTA_VIEWS})")
+    add_training_options(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from kit import download, predict, stages
+    from kit.stage import options_from
+
+    profile = PROFILES["smoke" if args.smoke else (args.profile or "colab")]
+    workdir = Workdir.resolve(args.workdir, profile)
+    print(f"== data ({workdir.data})")
+    if download.is_verified(workdir):
+        print("verified; nothing to do")
+    elif profile.synthetic:
+        from kit.synthetic import write_synthetic
+
+        print(write_synthetic(workdir, **profile.synthetic))
+    else:
+        download.download(workdir)
+
+    print(f"== training ({profile.name} profile, {len(profile.stages)} stages)")
+    config = stages.run_config(workdir, profile, args.backbone, args.weights, args.seed, args.val_fraction)
+    if stages.run_all(workdir, profile.stages, config, options_from(args)) != "done":
+        return 0  # stopped cleanly with a checkpoint; the same command continues
+
+    print(f"== prediction (TTA {args.tta})")
+    loaded = predict.load_model(predict.weights_path(workdir))
+    print(f"Model: {loaded.describe()}")
+    submission, unreadable = predict.predict_test(workdir, loaded, args.tta, args.seed, args.workers, args.cache_dir)
+    print(f"Wrote {workdir.submissions / 'submission.csv'} ({len(submission)} rows)")
+    if unreadable:
+        print(f"error: {len(unreadable)} test images could not be read: {', '.join(unreadable)}")
+        return 1
+    print("Next: python -m kit.report, python -m kit.submit --message '...', python -m kit.demo --share"
+          + (" (add --profile smoke)" if args.smoke else ""))
+    return 0
+
+
+main = main_guard(main)
+
+if __name__ == "__main__":
+    raise SystemExit(main())

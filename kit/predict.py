@@ -1,0 +1,219 @@
+"""Predict the test set with test-time augmentation into submissions/submission.csv.
+
+    python -m kit.predict                  # best weights of the last finished stage, TTA 10
+    python -m kit.predict --tta 0          # one plain view per image
+    python -m kit.predict --stage 4        # or --weights PATH
+
+Also writes submissions/probabilities.csv (Id and the 10 class probabilities) for ensembling.
+Rows follow sample-submission.csv. An unreadable image still gets a row (the class prior) and
+the command exits non-zero with the list, so a submission is never silently incomplete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from tqdm.auto import tqdm
+
+from kit.augment import plain_transform, tta_transform, tta_views
+from kit.cli import KitError, add_workdir, main_guard
+from kit.config import CLASS_NAMES, NUM_CLASSES, PROFILES, SEED, TTA_VIEWS, Workdir, stage_of
+from kit.dataset import UnreadableImage, load_resized, read_test, read_train
+from kit.files import write_text
+from kit.pipeline import DEFAULT_WORKERS, cache_short_side, default_cache_root, open_cache, ordered_map
+
+VIEWS_PER_BATCH = 32  # model inputs per forward pass; the views of one image always travel together
+
+
+@dataclass
+class LoadedModel:
+    model: object  # keras.Model
+    backbone: str
+    stage: int | None
+    image_size: int
+    val_accuracy: float | None
+    source: Path
+
+    def describe(self) -> str:
+        stage = f"stage {self.stage}" if self.stage else "custom weights"
+        accuracy = f", validation accuracy {self.val_accuracy:.4f}" if self.val_accuracy else ""
+        return f"{self.backbone}, {stage}, {self.image_size} px{accuracy} ({self.source.name})"
+
+
+def last_finished_stage(workdir: Workdir) -> int | None:
+    from kit.stages import stage_status
+
+    done = [step for step in range(1, 8) if stage_status(workdir, step) == "done"]
+    return max(done) if done else None
+
+
+def weights_path(workdir: Workdir, weights: Path | None = None, stage: int | None = None) -> Path:
+    """The weights file to use; a message naming the command that makes them when there are none."""
+    from kit.stages import best_weights, stage_status
+
+    if weights is not None:
+        if not Path(weights).is_file():
+            raise KitError(f"--weights {weights} does not exist. Give a best.weights.npz written by "
+                           "'python -m kit.stage' (under weights/stage_N/).")
+        return Path(weights)
+    if stage is not None:
+        if stage_status(workdir, stage) != "done":
+            raise KitError(f"Stage {stage} is not done in {workdir}, so it has no best weights yet. Run "
+                           f"'python -m kit.stage --step {stage}' (see 'python -m kit.stage --status').")
+        return best_weights(workdir, stage)
+    stage = last_finished_stage(workdir)
+    if stage is None:
+        raise KitError(f"No trained weights in {workdir.weights}. Train first with 'python -m kit.stage --all' "
+                       "(or 'python -m kit --smoke' for a quick run), or pass --weights PATH.")
+    return best_weights(workdir, stage)
+
+
+def load_model(path: Path, image_size: int | None = None) -> LoadedModel:
+    """Rebuild the model a weights file was trained as (its config travels inside it) and load it."""
+    import keras
+
+    from kit import checkpoint
+    from kit.backbones import build_model
+    from kit.stages import RunConfig
+
+    try:
+        arrays, state = checkpoint.read(path)
+        config = RunConfig(**state["config"])
+    except (checkpoint.CorruptCheckpoint, KeyError, TypeError) as error:
+        raise KitError(f"{path} is not a usable weights file of this kit ({error}). Use a best.weights.npz "
+                       "from weights/stage_N/.") from None
+    step = state.get("stage")
+    size = image_size or state.get("image_size") or stage_of(PROFILES[config.profile], step).image_size
+    keras.mixed_precision.set_global_policy("float32")
+    model = build_model(config.backbone, size, "none", config.head)
+    checkpoint.assign(model.variables, arrays, "model", path)
+    return LoadedModel(model, config.backbone, step, size, state.get("val_accuracy"), path)
+
+
+class Predictor:
+    """Class probabilities for photos, averaged over TTA views that are predicted in one batch."""
+
+    def __init__(self, loaded: LoadedModel, tta: int = TTA_VIEWS, seed: int = SEED, workers: int = DEFAULT_WORKERS):
+        self.loaded, self.views, self.seed, self.workers = loaded, max(1, tta), seed, workers
+        self.short_side = cache_short_side(loaded.image_size)
+
+    def views_of(self, image: np.ndarray, key: str, transforms: tuple | None = None) -> np.ndarray:
+        plain, extra = transforms or (plain_transform(self.loaded.image_size), tta_transform(self.loaded.image_size))
+        return tta_views(image, self.loaded.image_size, self.views, key, self.seed, plain, extra)
+
+    def predict_views(self, views: np.ndarray) -> np.ndarray:
+        """(images * views, size, size, 3) uint8 -> (images, classes), the views' mean."""
+        probs = np.asarray(self.loaded.model.predict_on_batch(views), np.float64)
+        return probs.reshape(-1, self.views, NUM_CLASSES).mean(axis=1)
+
+    def predict_image(self, source: str | Path | Image.Image, key: str = "upload") -> np.ndarray:
+        """One photo (a path or a PIL image) -> probabilities; raises UnreadableImage."""
+        return self.predict_views(self.views_of(load_resized(source, self.short_side), key))[0]
+
+    def predict_many(self, images, keys: Sequence[str], progress: bool = True) -> tuple[np.ndarray, dict[str, str]]:
+        """Probabilities for images[i] (a cache or anything indexable), keyed by keys[i] for the TTA draws.
+
+        Returns the probabilities (NaN rows for unreadable images) and {key: why} for those.
+        """
+        per_batch = max(1, VIEWS_PER_BATCH // self.views)
+        chunks = [range(start, min(start + per_batch, len(keys))) for start in range(0, len(keys), per_batch)]
+        probs = np.full((len(keys), NUM_CLASSES), np.nan)
+        unreadable: dict[str, str] = {}
+        local = threading.local()  # one pair of transforms per thread: reseeding a shared one would race
+
+        def prepare(chunk: range) -> tuple[list[int], np.ndarray | None, int]:
+            if not hasattr(local, "transforms"):
+                local.transforms = (plain_transform(self.loaded.image_size), tta_transform(self.loaded.image_size))
+            transforms = local.transforms
+            rows, stacks = [], []
+            for i in chunk:
+                try:
+                    stacks.append(self.views_of(images[i], keys[i], transforms))
+                    rows.append(i)
+                except UnreadableImage as error:
+                    unreadable[keys[i]] = str(error)
+            return rows, np.concatenate(stacks) if stacks else None, len(chunk)
+
+        with tqdm(total=len(keys), desc=f"predicting (TTA {self.views})", disable=not progress, mininterval=1.0) as bar:
+            for rows, views, done in ordered_map(prepare, chunks, self.workers):
+                if views is not None:
+                    probs[rows] = self.predict_views(views)
+                bar.update(done)
+        return probs, unreadable
+
+
+def class_prior(workdir: Workdir) -> np.ndarray:
+    counts = read_train(workdir).Category.value_counts().reindex(range(NUM_CLASSES), fill_value=0).to_numpy()
+    return counts / counts.sum()
+
+
+def predict_test(workdir: Workdir, loaded: LoadedModel, tta: int = TTA_VIEWS, seed: int = SEED,
+                 workers: int = DEFAULT_WORKERS, cache_dir: Path | None = None) -> tuple[pd.DataFrame, dict[str, str]]:
+    """submission.csv and probabilities.csv for every test Id; returns the submission and the unreadable Ids."""
+    test = read_test(workdir)
+    cache = open_cache(cache_dir or default_cache_root(workdir.cache), "test", list(test.path), loaded.image_size, workers)
+    predictor = Predictor(loaded, tta, seed, workers)
+    probs, unreadable = predictor.predict_many(cache, list(test.Id))
+    missing = np.isnan(probs).any(axis=1)
+    if missing.any():
+        probs[missing] = class_prior(workdir)
+    submission = pd.DataFrame({"Id": test.Id, "Category": probs.argmax(axis=1)})
+    probabilities = pd.DataFrame(probs, columns=[f"p{k}" for k in range(NUM_CLASSES)]).round(6)
+    probabilities.insert(0, "Id", test.Id)
+    write_text(workdir.submissions / "submission.csv", submission.to_csv(index=False))
+    write_text(workdir.submissions / "probabilities.csv", probabilities.to_csv(index=False))
+    return submission, unreadable
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """Which model to load: shared by predict, report and demo."""
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="colab",
+                        help="the profile trained (smoke keeps to <workdir>/smoke)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--weights", type=Path, help="a best.weights.npz file (default: the last finished stage's)")
+    which.add_argument("--stage", type=int, choices=range(1, 8), metavar="N", help="the best weights of stage N")
+    parser.add_argument("--image-size", type=int, help="default: the size that stage trained at")
+    parser.add_argument("--tta", type=int, default=TTA_VIEWS, help=f"views per image, 0 for none (default {TTA_VIEWS})")
+    parser.add_argument("--seed", type=int, default=SEED, help="seed of the TTA draws")
+
+
+def model_from_args(args: argparse.Namespace) -> tuple[Workdir, LoadedModel]:
+    workdir = Workdir.resolve(args.workdir, PROFILES[args.profile])
+    if args.tta < 0:
+        raise KitError("--tta is a number of views: 0 (none) or more.")
+    return workdir, load_model(weights_path(workdir, args.weights, args.stage), args.image_size)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kit.predict", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_workdir(parser)
+    add_model_options(parser)
+    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
+    args = parser.parse_args(argv)
+    workdir, loaded = model_from_args(args)
+    print(f"Model: {loaded.describe()}")
+    submission, unreadable = predict_test(workdir, loaded, args.tta, args.seed, max(1, args.workers))
+    counts = submission.Category.value_counts().reindex(range(NUM_CLASSES), fill_value=0)
+    print(f"Wrote {workdir.submissions / 'submission.csv'} ({len(submission)} rows) and probabilities.csv")
+    print("predicted per class: " + ", ".join(f"{CLASS_NAMES[k]} {n}" for k, n in counts.items()))
+    if unreadable:
+        print(f"error: {len(unreadable)} test images could not be read; their rows hold the class prior:")
+        for key, why in unreadable.items():
+            print(f"  {key}: {why}")
+        return 1
+    print("Next: python -m kit.submit --message 'your note'")
+    return 0
+
+
+main = main_guard(main)
+
+if __name__ == "__main__":
+    raise SystemExit(main())
