@@ -137,6 +137,9 @@ class Workdir:
 
     root: Path
 
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))
+
     @classmethod
     def resolve(cls, path: str | os.PathLike | None = None, profile: Profile | None = None) -> "Workdir":
         root = Path(path or os.environ.get("KIT_WORKDIR") or ".").expanduser().resolve()

@@ -12,7 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from kit.cli import KitError
 from kit.config import NUM_CLASSES, SEED, VAL_FRACTION, Workdir
@@ -52,8 +52,11 @@ def open_image(source: str | Path | Image.Image, draft: tuple[int, int] | None =
         return image.convert("RGB")
     except UnreadableImage:
         raise
+    except UnidentifiedImageError:
+        raise UnreadableImage("it is not an image format we can decode") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise UnreadableImage(str(error) or type(error).__name__) from None
+        reason = str(error).split(" /")[0] or type(error).__name__  # no temp paths in messages
+        raise UnreadableImage(f"the image is damaged or truncated: {reason}") from None
 
 
 def resized_short_side(width: int, height: int, short_side: int) -> tuple[int, int]:

@@ -79,15 +79,7 @@ def kaggle_errors(action: str) -> Iterator[None]:
         yield
     except KitError:
         raise
-    except OSError as error:
-        if error.errno == errno.ENOSPC:
-            raise KitError(f"{action} failed: the disk is full. Free some space (the archive is about "
-                           f"1.6 GiB and unpacks to about 1.7 GiB more) or use another --workdir.") from None
-        if _is_network_error(error):
-            raise KitError(f"{action} failed: Kaggle could not be reached ({error}). Check the internet "
-                           "connection (on Kaggle, switch Internet on in the notebook's settings).") from None
-        raise
-    except Exception as error:
+    except Exception as error:  # requests' errors are OSErrors too: look at the HTTP status first
         status = _http_status(error)
         if status == 401:
             raise KitError(f"{action} failed: Kaggle rejected the credentials (401 Unauthorized). The token "
@@ -102,6 +94,9 @@ def kaggle_errors(action: str) -> Iterator[None]:
                            f"Check that {COMPETITION_URL} opens for your account.") from None
         if status is not None:
             raise KitError(f"{action} failed: Kaggle answered HTTP {status} ({error}). Try again later.") from None
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            raise KitError(f"{action} failed: the disk is full. Free some space (the archive is about "
+                           f"1.6 GiB and unpacks to about 1.7 GiB more) or use another --workdir.") from None
         if _is_network_error(error):
             raise KitError(f"{action} failed: Kaggle could not be reached ({error}). Check the internet "
                            "connection (on Kaggle, switch Internet on in the notebook's settings).") from None
@@ -300,7 +295,7 @@ def _extract_all(archive: zipfile.ZipFile, root: Path, label: str) -> None:
             bar.update(member.file_size)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kit.download", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workdir(parser)
@@ -315,7 +310,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     synthetic.add_argument("--size", default="640x480", help="typical image size WxH (default 640x480)")
     synthetic.add_argument("--ids-from", type=Path,
                            help="take Ids and class proportions from real competition CSVs in this folder")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     workdir = Workdir.resolve(args.workdir)
     if args.synthetic:
         from kit.synthetic import write_synthetic

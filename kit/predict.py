@@ -117,6 +117,11 @@ class Predictor:
         """One photo (a path or a PIL image) -> probabilities; raises UnreadableImage."""
         return self.predict_views(self.views_of(load_resized(source, self.short_side), key))[0]
 
+    def rank(self, source: str | Path | Image.Image, key: str = "upload") -> list[tuple[str, float]]:
+        """Every car model with its probability, most likely first: the kit's answer for one photo."""
+        probs = self.predict_image(source, key)
+        return [(CLASS_NAMES[k], float(probs[k])) for k in np.argsort(-probs, kind="stable")]
+
     def predict_many(self, images, keys: Sequence[str], progress: bool = True) -> tuple[np.ndarray, dict[str, str]]:
         """Probabilities for images[i] (a cache or anything indexable), keyed by keys[i] for the TTA draws.
 
@@ -191,13 +196,17 @@ def model_from_args(args: argparse.Namespace) -> tuple[Workdir, LoadedModel]:
     return workdir, load_model(weights_path(workdir, args.weights, args.stage), args.image_size)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kit.predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workdir(parser)
     add_model_options(parser)
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     workdir, loaded = model_from_args(args)
     print(f"Model: {loaded.describe()}")
     submission, unreadable = predict_test(workdir, loaded, args.tta, args.seed, max(1, args.workers))

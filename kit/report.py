@@ -117,12 +117,16 @@ class _Subset:
         return len(self.positions)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kit.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workdir(parser)
     add_model_options(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     workdir, loaded = model_from_args(args)
     write_report(workdir, loaded, args.tta, args.seed)
     return 0

@@ -88,7 +88,7 @@ def submit(submission: Path, sample: Path, message: str, api: KaggleClient | Non
         return api.competition_submit(str(submission), message, COMPETITION, quiet=False)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kit.submit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workdir(parser)
@@ -97,7 +97,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--message", "-m", help="the submission's description on Kaggle")
     what.add_argument("--check", action="store_true", help="only validate the file")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     workdir = Workdir.resolve(args.workdir, PROFILES[args.profile])
     submission = args.file or workdir.submissions / "submission.csv"
     if not workdir.sample_submission.is_file():

@@ -1,0 +1,112 @@
+"""A Gradio page that names the car model in a photo.
+
+    python -m kit.demo                 # http://127.0.0.1:7860, best weights of the last finished stage
+    python -m kit.demo --share         # plus a public *.gradio.live link (Colab)
+
+The page and `python -m kit.predict` share one Predictor: same decoding, same TTA, same model.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Sequence
+
+import gradio as gr
+
+from kit.cli import add_workdir, main_guard
+from kit.config import TTA_VIEWS
+from kit.dataset import UnreadableImage
+from kit.predict import LoadedModel, Predictor, add_model_options, model_from_args
+
+MAX_UPLOAD = "20mb"
+TOP_CLASSES = 5
+EXAMPLES = 4
+
+
+class Photo(gr.Image):
+    """gr.Image that hands the raw upload to the kit's decoder.
+
+    gr.Image opens every upload with PIL before the function runs, so a broken file would fail
+    inside Gradio with a bare library error; the kit's decoder explains it instead.
+    """
+
+    @classmethod
+    def get_block_name(cls) -> str:
+        return "image"  # the same front-end component as gr.Image
+
+    def preprocess(self, payload):
+        if payload is not None and payload.path and not (payload.url or "").startswith("data:"):
+            return payload.path
+        return super().preprocess(payload)
+
+
+def build_demo(loaded: LoadedModel, tta: int = TTA_VIEWS, examples: Sequence[Path] = ()) -> gr.Blocks:
+    """The page; the model is loaded once by the caller and shared by every request."""
+    single, augmented = Predictor(loaded, 1), Predictor(loaded, tta)
+
+    def classify(photo: str | None, use_tta: bool) -> dict[str, float]:
+        """Top car models for the photo."""
+        if photo is None:
+            raise gr.Error("Upload a photo of a car first.", print_exception=False)
+        try:
+            ranked = (augmented if use_tta else single).rank(photo)
+        except UnreadableImage as error:
+            raise gr.Error(f"This file could not be read as a photo ({error}). Upload a JPEG, PNG or WebP "
+                           "picture of a car.", print_exception=False) from None
+        return dict(ranked[:TOP_CLASSES])
+
+    with gr.Blocks(title="Which car is it?") as demo:
+        gr.Markdown("# Which car is it?\nDrop a photo of a car from a sale ad: Lada models, Ford Focus or "
+                    f"VW Passat.\n\n**Model:** {loaded.describe()}")
+        with gr.Row():
+            with gr.Column():
+                photo = Photo(type="filepath", sources=["upload", "webcam", "clipboard"], label="Photo")
+                use_tta = gr.Checkbox(value=False, label=f"Test-time augmentation ({tta} views, slower, a bit more accurate)")
+                button = gr.Button("Name the car", variant="primary")
+            label = gr.Label(num_top_classes=TOP_CLASSES, label="Car model")
+        if examples:
+            gr.Examples([[str(p), False] for p in examples], inputs=[photo, use_tta])
+        button.click(classify, inputs=[photo, use_tta], outputs=label)
+        photo.upload(classify, inputs=[photo, use_tta], outputs=label, api_visibility="private")
+    return demo
+
+
+def example_photos(test_dir: Path) -> list[Path]:
+    photos = sorted(test_dir.glob("*.jpg"))[:EXAMPLES] if test_dir.is_dir() else []
+    return photos
+
+
+def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
+           examples: Sequence[Path] = (), block: bool = True):
+    """Queue with bounded concurrency; serve no files but the example photos."""
+    demo.queue(default_concurrency_limit=2, max_size=64)
+    return demo.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_UPLOAD,
+                       allowed_paths=[str(p) for p in examples], show_error=True, prevent_thread_lock=not block,
+                       quiet=not block)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m kit.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_workdir(parser)
+    add_model_options(parser)
+    parser.add_argument("--share", action="store_true", help="also print a public gradio.live link")
+    parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface (Docker)")
+    parser.add_argument("--port", type=int, default=7860)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    workdir, loaded = model_from_args(args)
+    print(f"Model: {loaded.describe()}")
+    examples = example_photos(workdir.test_dir)
+    launch(build_demo(loaded, args.tta or 1, examples), args.host, args.port, args.share, examples)
+    return 0
+
+
+main = main_guard(main)
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,53 @@
+"""Shared fixtures: real files, real processes. The real competition files live in ../shared."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "competition"
+
+
+@pytest.fixture
+def shared() -> Path:
+    if not (SHARED / "train.csv").is_file():
+        pytest.skip(f"the real competition files are not at {SHARED}")
+    return SHARED
+
+
+@pytest.fixture
+def real_photos(shared) -> list[Path]:
+    return sorted((shared / "test_upload_sample").glob("*.jpg"))
+
+
+def run_kit(*args: str, env: dict | None = None, timeout: float = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`python -m kit...` in a real subprocess, as a user runs it."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=full_env,
+                          timeout=timeout, cwd=cwd or ROOT)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> Path:
+    """One full `python -m kit --smoke` (all seven stages and prediction); returns its work directory."""
+    root = tmp_path_factory.mktemp("smoke")
+    result = run_kit("kit", "--smoke", "--workdir", str(root), "--deterministic")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return root / "smoke"
+
+
+def small_synthetic(root: Path, per_class: int = 8, test: int = 6, size: tuple[int, int] = (96, 72), **kwargs):
+    from kit.config import Workdir
+    from kit.synthetic import write_synthetic
+
+    workdir = Workdir(root)
+    write_synthetic(workdir, per_class=per_class, test=test, size=size, **kwargs)
+    return workdir

@@ -1,0 +1,218 @@
+"""kit.download: layout, idempotence, safe unpacking, and every user error as one clear paragraph."""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import shutil
+import zipfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import requests
+
+from conftest import run_kit, small_synthetic
+from kit.cli import KitError
+from kit.config import COMPETITION, COMPETITION_URL, Workdir
+from kit.dataset import load_split
+from kit.download import download, is_verified, verify
+
+
+def competition_archive(source: Workdir, target: Path) -> Path:
+    """A zip shaped like the real one: train.csv, sample-submission.csv, train.zip, test.zip."""
+    def folder_zip(folder: Path, prefix: str) -> bytes:
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as z:
+            for file in sorted(folder.rglob("*.jpg")):
+                z.write(file, f"{prefix}/{file.relative_to(folder).as_posix()}")
+        return buffer.getvalue()
+
+    with zipfile.ZipFile(target, "w") as z:
+        z.write(source.train_csv, "train.csv")
+        z.write(source.sample_submission, "sample-submission.csv")
+        z.writestr("train.zip", folder_zip(source.train_dir, "train"))
+        z.writestr("test.zip", folder_zip(source.test_dir, "test_upload"))
+    return target
+
+
+class FakeKaggle:
+    """Shaped like kaggle's KaggleApi: downloads <path>/<competition>.zip, or raises what it raises."""
+
+    def __init__(self, archive: Path | None = None, error: BaseException | None = None):
+        self.archive, self.error, self.calls = archive, error, []
+
+    def competition_download_files(self, competition, path=None, force=False, quiet=True):
+        self.calls.append((competition, path))
+        if self.error:
+            raise self.error
+        shutil.copy(self.archive, Path(path) / f"{competition}.zip")
+
+    def competition_submit(self, file_name, message, competition, quiet=False):
+        self.calls.append((file_name, message, competition))
+        if self.error:
+            raise self.error
+        return type("ApiCreateSubmissionResponse", (), {"message": "Successfully submitted"})()
+
+
+def http_error(status: int) -> requests.HTTPError:
+    response = requests.Response()
+    response.status_code = status
+    response.url = f"https://www.kaggle.com/api/v1/competitions/data/download-all/{COMPETITION}"
+    return requests.HTTPError(f"{status} Client Error", response=response)
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("source")
+    source = small_synthetic(root, per_class=4, test=5)
+    return competition_archive(source, root / "archive.zip")
+
+
+def test_synthetic_layout_is_the_competitions(tmp_path):
+    workdir = small_synthetic(tmp_path, per_class=3, test=4)
+    summary, problems = verify(workdir.data)
+    assert problems == [] and summary.class_counts == [3] * 10 and summary.test_count == 4
+    train = pd.read_csv(workdir.train_csv, dtype={"Id": str})
+    assert list(train.columns) == ["Id", "Category"]
+    assert all((workdir.train_dir / str(c) / i).is_file() for i, c in zip(train.Id, train.Category))
+    assert all(i.endswith(".jpg") and i[:-4].isdigit() for i in train.Id)
+
+
+def test_synthetic_is_deterministic_for_a_seed(tmp_path):
+    a, b = small_synthetic(tmp_path / "a", seed=3), small_synthetic(tmp_path / "b", seed=3)
+    files = sorted(p.relative_to(a.data) for p in a.data.rglob("*.jpg"))
+    assert files == sorted(p.relative_to(b.data) for p in b.data.rglob("*.jpg"))
+    assert all((a.data / f).read_bytes() == (b.data / f).read_bytes() for f in files)
+
+
+def test_replica_in_the_real_id_space(tmp_path, shared):
+    workdir = small_synthetic(tmp_path, per_class=20, test=15, ids_from=shared)
+    real_train = pd.read_csv(shared / "train.csv", dtype={"Id": str})
+    real_test = pd.read_csv(shared / "sample-submission.csv", dtype={"Id": str})
+    train = pd.read_csv(workdir.train_csv, dtype={"Id": str})
+    test = pd.read_csv(workdir.sample_submission, dtype={"Id": str})
+    assert set(train.Id) <= set(real_train.Id) and set(test.Id) <= set(real_test.Id)
+    real_labels = dict(zip(real_train.Id, real_train.Category))
+    assert all(real_labels[i] == c for i, c in zip(train.Id, train.Category))
+    assert verify(workdir.data)[1] == []
+    # Class proportions follow the real ones (class 1 is the largest, class 7 the smallest).
+    counts = train.Category.value_counts()
+    assert counts[1] > counts[7]
+
+
+def test_download_through_the_api_unpacks_and_verifies(tmp_path, archive, capsys):
+    api = FakeKaggle(archive)
+    summary = download(Workdir(tmp_path), api=api)
+    assert api.calls == [(COMPETITION, str(tmp_path / "downloads"))]
+    assert summary.class_counts == [4] * 10 and summary.test_count == 5
+    assert is_verified(Workdir(tmp_path))
+    out = capsys.readouterr().out
+    assert "Lada Priora" in out and "test images" in out
+
+
+def test_second_run_does_nothing(tmp_path, archive, capsys):
+    download(Workdir(tmp_path), zip_path=archive)
+    capsys.readouterr()
+    api = FakeKaggle(error=AssertionError("must not be called"))
+    download(Workdir(tmp_path), api=api)
+    assert api.calls == [] and "already verified; nothing to do" in capsys.readouterr().out
+
+
+def test_half_unpacked_dataset_is_finished_not_used(tmp_path, archive):
+    workdir = Workdir(tmp_path)
+    download(workdir, zip_path=archive)
+    victims = sorted(workdir.train_dir.rglob("*.jpg"))[:3]
+    for victim in victims:
+        victim.unlink()
+    (workdir.data / ".verified").unlink()  # as after a kill in the middle of unpacking
+    with pytest.raises(KitError, match="No verified dataset"):
+        load_split(workdir)
+    download(workdir, zip_path=archive)
+    assert all(v.is_file() for v in victims) and is_verified(workdir)
+
+
+def test_zip_slip_is_refused(tmp_path):
+    for evil in ("../escaped.txt", "/tmp/absolute.txt", "train/../../escaped.txt"):
+        bad = tmp_path / "bad.zip"
+        with zipfile.ZipFile(bad, "w") as z:
+            z.writestr("train.csv", "Id,Category\n")
+            z.writestr("sample-submission.csv", "Id,Category\n")
+            z.writestr("train.zip", b"")
+            z.writestr("test.zip", b"")
+            z.writestr(evil, "gotcha")
+        with pytest.raises(KitError, match="outside"):
+            download(Workdir(tmp_path / "work"), zip_path=bad)
+        assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "work" / "escaped.txt").exists()
+
+
+@pytest.mark.parametrize("status, expected", [
+    (401, "401 Unauthorized"),
+    (403, f"{COMPETITION_URL}/rules"),
+    (404, "not found"),
+])
+def test_http_errors_are_explained(tmp_path, status, expected):
+    with pytest.raises(KitError, match=expected.replace("/", ".")):
+        download(Workdir(tmp_path), api=FakeKaggle(error=http_error(status)))
+
+
+def test_no_network_is_explained(tmp_path):
+    error = requests.ConnectionError("HTTPSConnectionPool(host='www.kaggle.com', port=443): Max retries exceeded")
+    with pytest.raises(KitError, match="could not be reached"):
+        download(Workdir(tmp_path), api=FakeKaggle(error=error))
+
+
+def test_full_disk_is_explained(tmp_path):
+    error = OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(KitError, match="disk is full"):
+        download(Workdir(tmp_path), api=FakeKaggle(error=error))
+
+
+def test_corrupt_archive_is_explained(tmp_path, archive):
+    truncated = tmp_path / "truncated.zip"
+    truncated.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    with pytest.raises(KitError, match="truncated or corrupt"):
+        download(Workdir(tmp_path / "work"), zip_path=truncated)
+
+
+def test_foreign_archive_is_explained(tmp_path):
+    foreign = tmp_path / "titanic.zip"
+    with zipfile.ZipFile(foreign, "w") as z:
+        z.writestr("train.csv", "PassengerId,Survived\n1,0\n")
+    with pytest.raises(KitError, match=f"not the {COMPETITION} archive"):
+        download(Workdir(tmp_path / "work"), zip_path=foreign)
+
+
+def test_no_credentials_message_from_the_real_command(tmp_path):
+    env = {"HOME": str(tmp_path), "KAGGLE_CONFIG_DIR": str(tmp_path / "nothing")}
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("KAGGLE_")}
+    result = run_kit("kit.download", "--workdir", str(tmp_path / "work"), env={**clean, **env, "KAGGLE_API_TOKEN": ""})
+    assert result.returncode == 2
+    for way in ("KAGGLE_USERNAME", "KAGGLE_KEY", "kaggle.json", "KAGGLE_API_TOKEN", "Colab"):
+        assert way in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "Authentication required" not in result.stdout  # the kaggle package's own help is kept out
+
+
+def test_synthetic_command_on_a_fresh_folder(tmp_path):
+    result = run_kit("kit.download", "--synthetic", "--per-class", "2", "--test", "3", "--size", "64x48",
+                     "--workdir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "test images" in result.stdout and is_verified(Workdir(tmp_path))
+
+
+def test_split_is_stratified_and_stable_across_processes(tmp_path):
+    workdir = small_synthetic(tmp_path, per_class=10)
+    split = load_split(workdir)
+    assert len(split.val) == 20 and split.val.Category.value_counts().eq(2).all()
+    assert not set(split.train.Id) & set(split.val.Id)
+    code = ("import sys; from kit.config import Workdir; from kit.dataset import load_split;"
+            f"print(','.join(sorted(load_split(Workdir(sys.argv[1])).val.Id)))")
+    import subprocess, sys
+    from conftest import ROOT
+    other = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert other.stdout.strip() == ",".join(sorted(split.val.Id))
+    workdir.split_csv.unlink()  # recomputed from the same seed: the very same split
+    assert sorted(load_split(workdir).val.Id) == sorted(split.val.Id)
