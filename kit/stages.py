@@ -188,6 +188,8 @@ def run_stage(workdir: Workdir, stage: Stage, config: RunConfig, options: Option
     started = time.monotonic()
     deadline = started + options.time_budget_s if options.time_budget_s else math.inf
     folder = workdir.stage_dir(stage.step)
+    for leftover in folder.glob(".*.tmp"):  # half-written files of a killed run; the renamed ones are intact
+        leftover.unlink()
     previous = checkpoint.newest_readable(folder)
     if previous and not (options.resume or options.restart):
         _, _, state = previous
