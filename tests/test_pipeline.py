@@ -1,0 +1,101 @@
+"""The image cache and the batch loader: correct, resumable, identical to the uncached path."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+from PIL import Image
+
+from conftest import ROOT, small_synthetic
+from kit.augment import train_transform
+from kit.dataset import read_train
+from kit.pipeline import Batches, Uncached, open_cache
+
+
+def images_of(workdir):
+    return list(read_train(workdir).path)
+
+
+def test_cached_batches_equal_uncached_ones_pixel_for_pixel(tmp_path):
+    workdir = small_synthetic(tmp_path, per_class=3)
+    paths = images_of(workdir)
+    labels = read_train(workdir).Category.to_numpy()
+    cache = open_cache(tmp_path / "cache", "train", paths, 64, workers=2, progress=False)
+    make = lambda: train_transform(64)
+    cached = Batches(cache, labels, 7, make, seed=1, stage=2, shuffle=True)
+    uncached = Batches(Uncached(paths, 64), labels, 7, make, seed=1, stage=2, shuffle=True, workers=1)
+    for (xa, ya), (xb, yb) in zip(cached.epoch(3), uncached.epoch(3)):
+        assert xa.dtype == np.uint8 and xa.shape[1:] == (64, 64, 3)
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ya, yb)
+
+
+def test_resumed_epoch_sees_the_same_batches(tmp_path):
+    workdir = small_synthetic(tmp_path, per_class=3)
+    cache = open_cache(tmp_path / "cache", "train", images_of(workdir), 48, progress=False)
+    batches = Batches(cache, read_train(workdir).Category.to_numpy(), 4, lambda: train_transform(48, light=True),
+                      seed=5, stage=6, shuffle=True)
+    full = list(batches.epoch(2))
+    tail = list(batches.epoch(2, start=3))
+    assert len(tail) == len(full) - 3
+    for (xa, ya), (xb, yb) in zip(full[3:], tail):
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ya, yb)
+    other_epoch = next(iter(batches.epoch(3)))[0]
+    assert not np.array_equal(other_epoch, full[0][0])
+
+
+def test_cache_is_rebuilt_when_an_image_changes(tmp_path):
+    workdir = small_synthetic(tmp_path, per_class=2)
+    paths = images_of(workdir)
+    first = open_cache(tmp_path / "cache", "train", paths, 48, progress=False)
+    before = np.array(first[0])
+    Image.new("RGB", (100, 80), (255, 0, 0)).save(paths[0], format="JPEG")
+    second = open_cache(tmp_path / "cache", "train", paths, 48, progress=False)
+    assert second.fingerprint != first.fingerprint
+    assert second[0].shape == (55, 69, 3) and not np.array_equal(second[0][:, :48], before[:, :48])
+    assert np.abs(second[0].astype(int) - [255, 0, 0]).max() < 10
+
+
+def test_unreadable_images_are_listed_not_dropped_silently(tmp_path, capsys):
+    from kit.dataset import drop_unreadable
+
+    workdir = small_synthetic(tmp_path, per_class=2)
+    frame = read_train(workdir)
+    broken = frame.path[3]
+    data = open(broken, "rb").read()
+    open(broken, "wb").write(data[: len(data) // 3])  # truncated JPEG
+    open(frame.path[5], "wb").write(b"not an image at all")
+    cache = open_cache(tmp_path / "cache", "train", list(frame.path), 48, progress=False)
+    assert set(cache.unreadable) == {broken, frame.path[5]}
+    kept = drop_unreadable(frame, cache.unreadable, "training")
+    assert len(kept) == len(frame) - 2
+    out = capsys.readouterr().out
+    assert "2 training images could not be read" in out and frame.Id[3] in out and frame.Id[5] in out
+
+
+def test_killed_cache_build_is_finished_by_the_next_run(tmp_path):
+    workdir = small_synthetic(tmp_path, per_class=40, size=(640, 480))
+    paths = images_of(workdir)
+    code = ("import sys; from kit.config import Workdir; from kit.dataset import read_train;"
+            "from kit.pipeline import open_cache;"
+            "open_cache(sys.argv[1], 'train', list(read_train(Workdir(sys.argv[2])).path), 224, workers=1)")
+    process = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "killed"), str(workdir.root)],
+                               env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.DEVNULL)
+    folder = tmp_path / "killed" / "train-258"
+    end = time.monotonic() + 60
+    while not (folder / "pixels.u8").exists() and time.monotonic() < end:
+        time.sleep(0.01)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert '"complete": false' in (folder / "meta.json").read_text()
+    finished = open_cache(tmp_path / "killed", "train", paths, 224, progress=False)
+    fresh = open_cache(tmp_path / "fresh", "train", paths, 224, progress=False)
+    assert (folder / "pixels.u8").read_bytes() == (tmp_path / "fresh" / "train-258" / "pixels.u8").read_bytes()
+    assert finished.unreadable == fresh.unreadable == {}
