@@ -16,14 +16,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "competition"
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared() -> Path:
     if not (SHARED / "train.csv").is_file():
         pytest.skip(f"the real competition files are not at {SHARED}")
     return SHARED
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def real_photos(shared) -> list[Path]:
     return sorted((shared / "test_upload_sample").glob("*.jpg"))
 

@@ -1,0 +1,129 @@
+"""kit.demo: a real Gradio server on loopback, called by its real client; bad input never breaks it."""
+
+from __future__ import annotations
+
+import re
+import struct
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT, run_kit
+from kit.config import CLASS_NAMES, Workdir
+from kit.predict import Predictor, load_model, weights_path
+
+gradio_client = pytest.importorskip("gradio_client")
+
+
+@pytest.fixture(scope="module")
+def server(smoke_run, real_photos):
+    from kit import demo
+
+    loaded = load_model(weights_path(Workdir(smoke_run)))
+    page = demo.build_demo(loaded, tta=10, examples=real_photos[:2])
+    _, url, _ = demo.launch(page, port=None, examples=real_photos[:2], block=False)
+    client = gradio_client.Client(url, verbose=False)
+    yield url, client, loaded
+    page.close()
+
+
+def classify(client, path: Path, tta: bool = False) -> dict:
+    return client.predict(gradio_client.handle_file(str(path)), tta, api_name="/classify")
+
+
+def assert_ranked(result: dict) -> list[float]:
+    confidences = [c["confidence"] for c in result["confidences"]]
+    assert len(confidences) == 5 and confidences == sorted(confidences, reverse=True)
+    assert {c["label"] for c in result["confidences"]} <= set(CLASS_NAMES)
+    assert result["label"] == result["confidences"][0]["label"]
+    return confidences
+
+
+def test_real_photo_gets_five_ranked_models(server, real_photos):
+    _, client, loaded = server
+    for tta in (False, True):
+        confidences = assert_ranked(classify(client, real_photos[0], tta))
+        assert 0 < sum(confidences) <= 1 + 1e-6
+    ranked = Predictor(loaded, 10).rank(real_photos[0])  # the same answer from code, all ten classes
+    assert [name for name, _ in ranked[:5]] == [c["label"] for c in classify(client, real_photos[0], True)["confidences"]]
+    assert sum(p for _, p in ranked) == pytest.approx(1, abs=1e-5)
+
+
+def bomb_png(path: Path, width: int = 9000, height: int = 5000) -> Path:
+    """A 45-megapixel PNG of a few kilobytes: what a decompression bomb looks like."""
+    row = b"\x00" + b"\x00" * width
+    data = zlib.compress(row * height, 9)
+    chunk = lambda kind, body: struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+    return path
+
+
+def test_bad_inputs_get_a_message_or_a_prediction(server, real_photos, tmp_path):
+    _, client, loaded = server
+    photo = Image.open(real_photos[0])
+    (tmp_path / "notes.txt").write_text("not a photo")
+    (tmp_path / "truncated.jpg").write_bytes(real_photos[0].read_bytes()[:2000])
+    rgba = photo.convert("RGBA")
+    rgba.putalpha(128)
+    rgba.save(tmp_path / "alpha.png")
+    photo.convert("L").save(tmp_path / "gray.jpg")
+    photo.convert("CMYK").save(tmp_path / "cmyk.jpg")
+    Image.new("RGB", (1, 1), (200, 10, 10)).save(tmp_path / "dot.png")
+    # An EXIF-rotated photo: stored sideways, tagged "rotate 90 CW" (orientation 6).
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "rotated.jpg", exif=exif, quality=95)
+    photo.save(tmp_path / "upright.jpg", quality=95)
+    bomb_png(tmp_path / "bomb.png")
+
+    for name in ("notes.txt", "truncated.jpg", "bomb.png"):
+        with pytest.raises(gradio_client.exceptions.AppError) as error:
+            classify(client, tmp_path / name)
+        message = str(error.value)
+        assert "could not be read as a photo" in message and "Traceback" not in message and "/tmp/" not in message
+    for name in ("alpha.png", "gray.jpg", "cmyk.jpg", "dot.png"):
+        assert_ranked(classify(client, tmp_path / name))
+    single = Predictor(loaded, 1)
+    np.testing.assert_allclose(single.predict_image(tmp_path / "rotated.jpg"),
+                               single.predict_image(tmp_path / "upright.jpg"), atol=0.05)
+    assert classify(client, tmp_path / "rotated.jpg")["label"] == classify(client, tmp_path / "upright.jpg")["label"]
+    assert_ranked(classify(client, real_photos[1]))  # the server still answers
+
+
+def test_twenty_concurrent_requests(server, real_photos):
+    _, client, _ = server
+    jobs = [client.submit(gradio_client.handle_file(str(real_photos[k % len(real_photos)])), k % 2 == 0,
+                          api_name="/classify") for k in range(20)]
+    results = [job.result(timeout=120) for job in jobs]
+    assert len(results) == 20 and all(len(r["confidences"]) == 5 for r in results)
+
+
+def test_page_shows_the_model_and_serves_no_other_files(server):
+    import httpx
+
+    url, _, loaded = server
+    page = httpx.get(url).text
+    assert loaded.backbone in page and "stage 7" in page
+    for secret in ("/etc/passwd", str(ROOT / "README.md")):
+        response = httpx.get(f"{url.rstrip('/')}/gradio_api/file={secret}")
+        assert response.status_code in (403, 404)
+
+
+def test_refuses_to_start_without_weights(tmp_path):
+    result = run_kit("kit.demo", "--workdir", str(tmp_path))
+    assert result.returncode == 2 and "python -m kit.stage --all" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_dockerfile_copies_what_exists_and_runs_the_demo():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    for source in re.findall(r"^COPY\s+(?:--\S+\s+)*(.+?)\s+\S+$", dockerfile, re.M):
+        for item in source.split():
+            assert (ROOT / item).exists(), f"COPY source {item} is missing"
+    cmd = re.search(r"^CMD\s+(\[.*\])$", dockerfile, re.M).group(1)
+    assert '"kit.demo"' in cmd and (ROOT / "kit" / "demo.py").is_file()
+    assert re.search(r"^USER\s+(?!root)\S+", dockerfile, re.M), "the image must not run as root"
