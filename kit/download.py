@@ -2,6 +2,7 @@
 
     python -m kit.download                      # Kaggle API (credentials needed)
     python -m kit.download --zip archive.zip    # an archive downloaded by hand
+    python -m kit.download --from-dir DIR       # the competition attached to a Kaggle notebook
     python -m kit.download --synthetic          # generated pictures in the same layout
 
 The archive holds train.zip and test.zip; both are unpacked too. Every file is written under a
@@ -185,14 +186,36 @@ def require_dataset(workdir: Workdir) -> None:
                        "with the same --workdir.")
 
 
+def copy_from_folder(folder: Path, data: Path) -> None:
+    """Kaggle notebooks attach the competition as a folder: copy its CSVs, unpack (or link) the images."""
+    folder = Path(folder)
+    if not all((folder / name).is_file() for name in CSV_FILES):
+        raise KitError(f"{folder} should hold train.csv and sample-submission.csv (on Kaggle, add the competition "
+                       f"as input data: /kaggle/input/{COMPETITION}).")
+    data.mkdir(parents=True, exist_ok=True)
+    for name in CSV_FILES:
+        shutil.copyfile(folder / name, data / name)
+    for inner, unpacked in zip(INNER_ARCHIVES, ("train", "test_upload")):
+        if (folder / inner).is_file():
+            with _open_zip(folder / inner) as z:
+                _extract_all(z, data, f"unpacking {inner}")
+        elif (folder / unpacked).is_dir() and not (data / unpacked).exists():
+            (data / unpacked).symlink_to((folder / unpacked).resolve(), target_is_directory=True)
+
+
 def download(workdir: Workdir, api: KaggleClient | None = None, zip_path: Path | None = None,
-             force: bool = False) -> DatasetSummary:
+             force: bool = False, from_dir: Path | None = None) -> DatasetSummary:
     """Make <workdir>/data a verified copy of the competition data; do nothing when it already is."""
     if is_verified(workdir) and not force:
         summary, problems = verify(workdir.data)
         if summary is not None:
             print(f"The dataset in {workdir.data} is already verified; nothing to do.")
             return summary
+    if from_dir is not None:
+        copy_from_folder(from_dir, workdir.data)
+        summary = mark_verified(workdir)
+        print(summary)
+        return summary
     if zip_path is None:
         zip_path = workdir.root / "downloads" / f"{COMPETITION}.zip"
         if not _is_complete_zip(zip_path):
@@ -301,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_workdir(parser)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--zip", type=Path, help="unpack this archive instead of downloading it")
+    source.add_argument("--from-dir", type=Path, help="a folder holding the competition files (Kaggle's attached input)")
     source.add_argument("--synthetic", action="store_true", help="write a generated dataset in the same layout")
     parser.add_argument("--force", action="store_true", help="unpack and verify again even if already verified")
     synthetic = parser.add_argument_group("--synthetic options")
@@ -323,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   size=parse_size(args.size), ids_from=args.ids_from)
         print(summary)
         return 0
-    download(workdir, zip_path=args.zip, force=args.force)
+    download(workdir, zip_path=args.zip, force=args.force, from_dir=args.from_dir)
     return 0
 
 

@@ -216,3 +216,11 @@ def test_split_is_stratified_and_stable_across_processes(tmp_path):
     assert other.stdout.strip() == ",".join(sorted(split.val.Id))
     workdir.split_csv.unlink()  # recomputed from the same seed: the very same split
     assert sorted(load_split(workdir).val.Id) == sorted(split.val.Id)
+
+
+def test_kaggle_input_folder(tmp_path, archive):
+    attached = tmp_path / "input"
+    with zipfile.ZipFile(archive) as z:
+        z.extractall(attached)  # Kaggle attaches the archive's files: CSVs, train.zip, test.zip
+    summary = download(Workdir(tmp_path / "work"), from_dir=attached)
+    assert summary.class_counts == [4] * 10 and is_verified(Workdir(tmp_path / "work"))

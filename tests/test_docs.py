@@ -1,0 +1,64 @@
+"""The README and the notebooks cannot drift from the kit: every command they show must parse."""
+
+from __future__ import annotations
+
+import importlib
+import re
+import shlex
+
+import nbformat
+import pytest
+
+from conftest import ROOT
+
+COMMAND = re.compile(r"python -m (kit(?:\.\w+)?)([^\n|;&#]*)")
+
+
+def commands_in(text: str) -> list[tuple[str, list[str]]]:
+    found = []
+    for module, rest in COMMAND.findall(text):
+        rest = re.sub(r"\$\{?\w+\}?", "X", rest.strip())  # shell variables stand for values
+        found.append((module, shlex.split(rest)))
+    return found
+
+
+def assert_parses(module: str, args: list[str]) -> None:
+    target = "kit.__main__" if module == "kit" else module
+    parser = importlib.import_module(target).build_parser()
+    try:
+        parser.parse_args(args)
+    except SystemExit as error:
+        pytest.fail(f"'python -m {module} {' '.join(args)}' is rejected by the kit's parser ({error})")
+
+
+def readme_code_blocks() -> str:
+    return "\n".join(re.findall(r"```(?:bash|sh|shell|console)?\n(.*?)```", (ROOT / "README.md").read_text(), re.S))
+
+
+def test_readme_commands_parse():
+    commands = commands_in(readme_code_blocks())
+    assert len(commands) >= 10
+    for module, args in commands:
+        assert_parses(module, args)
+    for essential in ("kit.stage --step 5 --resume", "kit --smoke", "kaggle competitions submit", "kit.demo --share"):
+        assert essential in readme_code_blocks()
+
+
+def test_readme_test_command_is_what_ci_runs():
+    readme = (ROOT / "README.md").read_text()
+    test_command = re.search(r"^(python -m pytest.*)$", readme, re.M).group(1).strip()
+    assert test_command in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+@pytest.mark.parametrize("name", ["colab.ipynb", "kaggle.ipynb"])
+def test_notebook_is_valid_and_its_commands_parse(name):
+    notebook = nbformat.read(ROOT / "notebooks" / name, as_version=4)
+    nbformat.validate(notebook)
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    assert all(not cell.get("outputs") and cell.get("execution_count") is None for cell in code), "no outputs saved"
+    commands = commands_in("\n".join(cell.source for cell in code))
+    assert len(commands) >= 5
+    for module, args in commands:
+        assert_parses(module, args)
+    text = "\n".join(cell.source for cell in code)
+    assert not re.search(r"KAGGLE_\w+['\"]\]\s*=\s*['\"]", text), "credentials are never written into a notebook"
