@@ -68,6 +68,7 @@ def main() -> None:
         predictor.rank(args.photo)  # warm-up: the first call traces the model
         client.predict(handle_file(str(args.photo)), tta, api_name="/classify")
         bare, served = [], []
+        print(f"{'TTA' if tta else 'single view'}: {count} bare calls and {count} page requests ...", flush=True)
         for _ in range(count):
             started = time.perf_counter()
             predictor.rank(args.photo)

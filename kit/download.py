@@ -232,6 +232,8 @@ def download(workdir: Workdir, api: KaggleClient | None = None, zip_path: Path |
                        f"{COMPETITION_URL}/data.")
     unpack(Path(zip_path), workdir.data)
     summary = mark_verified(workdir)
+    for inner in INNER_ARCHIVES:  # unpacked and verified: 1.6 GB of duplicates on a Drive quota
+        (workdir.data / inner).unlink(missing_ok=True)
     print(summary)
     return summary
 

@@ -75,12 +75,12 @@ def weights_path(workdir: Workdir, weights: Path | None = None, stage: int | Non
     return best_weights(workdir, stage)
 
 
-def load_model(path: Path, image_size: int | None = None) -> LoadedModel:
+def load_model(path: Path, image_size: int | None = None, precision: str = "auto") -> LoadedModel:
     """Rebuild the model a weights file was trained as (its config travels inside it) and load it."""
     import keras
 
     from kit import checkpoint
-    from kit.backbones import build_model
+    from kit.backbones import build_model, choose_precision
     from kit.stages import RunConfig
 
     try:
@@ -91,7 +91,7 @@ def load_model(path: Path, image_size: int | None = None) -> LoadedModel:
                        "from weights/stage_N/.") from None
     step = state.get("stage")
     size = image_size or state.get("image_size") or stage_of(PROFILES[config.profile], step).image_size
-    keras.mixed_precision.set_global_policy("float32")
+    keras.mixed_precision.set_global_policy(choose_precision(precision))  # weights stay float32 either way
     model = build_model(config.backbone, size, "none", config.head)
     checkpoint.assign(model.variables, arrays, "model", path)
     return LoadedModel(model, config.backbone, step, size, state.get("val_accuracy"), path)
@@ -187,13 +187,15 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, help="default: the size that stage trained at")
     parser.add_argument("--tta", type=int, default=TTA_VIEWS, help=f"views per image, 0 for none (default {TTA_VIEWS})")
     parser.add_argument("--seed", type=int, default=SEED, help="seed of the TTA draws")
+    parser.add_argument("--precision", choices=["auto", "float32", "mixed_float16", "mixed_bfloat16"], default="auto",
+                        help="auto: mixed precision on a GPU, float32 on a CPU")
 
 
 def model_from_args(args: argparse.Namespace) -> tuple[Workdir, LoadedModel]:
     workdir = Workdir.resolve(args.workdir, PROFILES[args.profile])
     if args.tta < 0:
         raise KitError("--tta is a number of views: 0 (none) or more.")
-    return workdir, load_model(weights_path(workdir, args.weights, args.stage), args.image_size)
+    return workdir, load_model(weights_path(workdir, args.weights, args.stage), args.image_size, args.precision)
 
 
 def build_parser() -> argparse.ArgumentParser:

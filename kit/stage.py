@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if stages.run_all(workdir, profile.stages, config, options) in ("done", "stopped") else 1
     stage = override_stage(stage_of(profile, args.step), image_size=args.image_size, batch_size=args.batch_size,
                            lr=args.lr, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch)
-    if options.resume and stages.stage_status(workdir, stage.step) != "interrupted":
+    if options.resume and stages.stage_status(workdir, stage.step) == "not started":
         print(f"Stage {stage.step} has no interrupted run to resume; starting it.")
         options.resume = False
     stages.run_stage(workdir, stage, config, options)

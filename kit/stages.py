@@ -199,6 +199,11 @@ def run_stage(workdir: Workdir, stage: Stage, config: RunConfig, options: Option
     if options.restart:
         _discard(workdir, stage.step)
         previous = None
+    elif stage_status(workdir, stage.step) == "done":
+        record = read_manifest(workdir)["stages"][str(stage.step)]
+        raise KitError(f"Stage {stage.step} is already done (best val_acc {record.get('best_val_accuracy', 0):.4f}). "
+                       f"Run the next stage, or --restart to train stage {stage.step} again from stage "
+                       f"{stage.step - 1}'s weights (later stages would then be marked not done).")
     if previous:
         saved_stage = Stage(**previous[2]["stage"])
         if saved_stage != stage:

@@ -132,6 +132,11 @@ def test_interrupted_stage_is_never_overwritten(tmp_path):
     assert run_stage(workdir, stage, config, Options(resume=True)) == "done"
     table = status_table(workdir, SMOKE.stages)
     assert table.splitlines()[1].split()[4] == "done" and "not started" in table.splitlines()[2]
+    best = (workdir.stage_dir(1) / "best.weights.npz").read_bytes()
+    with pytest.raises(KitError, match="already done.*--restart"):
+        run_stage(workdir, stage, config, Options())
+    assert (workdir.stage_dir(1) / "best.weights.npz").read_bytes() == best
+    assert run_stage(workdir, stage, config, Options(restart=True)) == "done"
 
 
 def test_best_weights_never_get_worse(tmp_path):
