@@ -210,7 +210,11 @@ class Batches:
         self.positions = np.arange(len(self.labels)) if positions is None else np.asarray(positions)
         self.batch_size, self.make_transform = batch_size, make_transform
         self.seed, self.stage, self.shuffle, self.workers = seed, stage, shuffle, workers
-        full = -(-len(self.labels) // batch_size)
+        # Training (shuffled) drops each epoch's incomplete last batch: every step then has one shape,
+        # so a resumed run compiles the very graph the uninterrupted one used (a first partial batch
+        # would make TensorFlow fall back to a dynamic-shape graph with other kernels), and BatchNorm
+        # never trains on a batch of one. Reshuffling means no image is left out every epoch.
+        full = len(self.labels) // batch_size if shuffle else -(-len(self.labels) // batch_size)
         self.steps = min(steps, full) if steps else full
         self._local = threading.local()
 

@@ -230,6 +230,9 @@ def run_stage(workdir: Workdir, stage: Stage, config: RunConfig, options: Option
     val_batches = Batches(cache, val.Category.to_numpy(), stage.batch_size * 2, lambda: plain_transform(stage.image_size),
                           config.seed, stage.step, shuffle=False, workers=options.workers,
                           positions=val.path.map(positions).to_numpy())
+    if len(train_batches) == 0:
+        raise KitError(f"Stage {stage.step} has {len(train)} training images, fewer than one batch of "
+                       f"{stage.batch_size}: lower --batch-size or add data.")
     weights_by_class = class_weights(train.Category.to_numpy()) if options.class_weights else None
 
     # Model: built at this stage's size, unfrozen as the table says.
