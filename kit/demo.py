@@ -24,21 +24,23 @@ TOP_CLASSES = 5
 EXAMPLES = 4
 
 
-class Photo(gr.Image):
-    """gr.Image that hands the raw upload to the kit's decoder.
+def photo_input() -> gr.Image:
+    """An image input whose uploads reach the kit's decoder as they are.
 
     gr.Image opens every upload with PIL before the function runs, so a broken file would fail
-    inside Gradio with a bare library error; the kit's decoder explains it instead.
+    inside Gradio with a bare library error; the kit's decoder explains it instead. (Wrapping the
+    instance rather than subclassing: Gradio writes a .pyi stub beside any component subclass.)
     """
+    image = gr.Image(type="filepath", sources=["upload", "webcam", "clipboard"], label="Photo")
+    default = image.preprocess
 
-    @classmethod
-    def get_block_name(cls) -> str:
-        return "image"  # the same front-end component as gr.Image
-
-    def preprocess(self, payload):
+    def preprocess(payload):
         if payload is not None and payload.path and not (payload.url or "").startswith("data:"):
             return payload.path
-        return super().preprocess(payload)
+        return default(payload)
+
+    image.preprocess = preprocess
+    return image
 
 
 def build_demo(loaded: LoadedModel, tta: int = TTA_VIEWS, examples: Sequence[Path] = ()) -> gr.Blocks:
@@ -61,7 +63,7 @@ def build_demo(loaded: LoadedModel, tta: int = TTA_VIEWS, examples: Sequence[Pat
                     f"VW Passat.\n\n**Model:** {loaded.describe()}")
         with gr.Row():
             with gr.Column():
-                photo = Photo(type="filepath", sources=["upload", "webcam", "clipboard"], label="Photo")
+                photo = photo_input()
                 use_tta = gr.Checkbox(value=False, label=f"Test-time augmentation ({tta} views, slower, a bit more accurate)")
                 button = gr.Button("Name the car", variant="primary")
             label = gr.Label(num_top_classes=TOP_CLASSES, label="Car model")

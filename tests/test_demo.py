@@ -103,6 +103,19 @@ def test_twenty_concurrent_requests(server, real_photos):
     assert len(results) == 20 and all(len(r["confidences"]) == 5 for r in results)
 
 
+def test_uploads_over_the_limit_are_refused(server, real_photos, tmp_path):
+    import httpx
+
+    url, client, _ = server
+    big = tmp_path / "big.jpg"
+    big.write_bytes(real_photos[0].read_bytes() + bytes(21 * 2**20))
+    with pytest.raises(ValueError, match="exceeds the maximum file size"):
+        classify(client, big)
+    response = httpx.post(f"{url.rstrip('/')}/gradio_api/upload", files={"files": ("big.jpg", big.read_bytes())})
+    assert response.status_code == 413  # the server enforces it too, not only the client
+    assert_ranked(classify(client, real_photos[0]))
+
+
 def test_page_shows_the_model_and_serves_no_other_files(server):
     import httpx
 
