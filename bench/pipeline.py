@@ -123,8 +123,8 @@ def main() -> None:
 
     print(f"\nInput pipeline, {len(paths)} photos, {os.cpu_count()} cores ({platform.processor() or platform.machine()}),"
           f" {args.workers} workers, median of {args.repeats} interleaved runs, {time.strftime('%Y-%m-%d')}")
-    print(f"| setting | batch | naive img/s | kit img/s | kit batches/s | kit/naive | cache build s (img/s) |"
-          f" peak heap MB loading | peak heap MB building |")
+    print("| setting | batch | naive img/s | kit img/s | kit batches/s | kit/naive | cache build s (img/s) |"
+          " peak heap MB loading | peak heap MB building |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, batch, naive_rate, kit_rate, build_s, build_rate, peak, build_peak in rows:
         print(f"| {name} | {batch} | {naive_rate:.0f} | {kit_rate:.0f} | {kit_rate / batch:.1f} | "

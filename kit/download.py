@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import errno
 import io
-import os
 import shutil
 import zipfile
 from dataclasses import dataclass

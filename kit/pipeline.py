@@ -191,9 +191,6 @@ class Uncached:
         return load_resized(self.paths[index], self.short_side)
 
 
-ImageSource = Callable[[int], np.ndarray]
-
-
 class Batches:
     """Batches of (uint8 images, labels), each a pure function of (seed, stage, epoch, step).
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import struct
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np

@@ -6,6 +6,8 @@ import errno
 import io
 import os
 import shutil
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import pandas as pd
 import pytest
 import requests
 
-from conftest import run_kit, small_synthetic
+from conftest import ROOT, run_kit, small_synthetic
 from kit.cli import KitError
 from kit.config import COMPETITION, COMPETITION_URL, Workdir
 from kit.dataset import load_split
@@ -208,9 +210,7 @@ def test_split_is_stratified_and_stable_across_processes(tmp_path):
     assert len(split.val) == 20 and split.val.Category.value_counts().eq(2).all()
     assert not set(split.train.Id) & set(split.val.Id)
     code = ("import sys; from kit.config import Workdir; from kit.dataset import load_split;"
-            f"print(','.join(sorted(load_split(Workdir(sys.argv[1])).val.Id)))")
-    import subprocess, sys
-    from conftest import ROOT
+            "print(','.join(sorted(load_split(Workdir(sys.argv[1])).val.Id)))")
     other = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
                            env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert other.stdout.strip() == ",".join(sorted(split.val.Id))

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import run_kit, small_synthetic
 from kit.cli import KitError
-from kit.config import COMPETITION, PROFILES, Workdir
+from kit.config import COMPETITION, Workdir
 from kit.pipeline import Uncached
 from kit.predict import Predictor, load_model, predict_test, weights_path
 from kit.submit import submit, validate
