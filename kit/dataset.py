@@ -28,19 +28,13 @@ class UnreadableImage(ValueError):
     """The file is not an image we can decode (corrupt, truncated, not an image, too large)."""
 
 
-def open_image(source: str | Path | Image.Image, draft: tuple[int, int] | None = None) -> Image.Image:
-    """An upright RGB PIL image from a path or an image, whatever its mode, EXIF rotation or alpha.
-
-    `draft` lets JPEG decoding skip detail the caller will throw away (DCT scaling): a large
-    speed-up when the target is much smaller than the photo.
-    """
+def open_image(source: str | Path | Image.Image) -> Image.Image:
+    """An upright RGB PIL image from a path or an image, whatever its mode, EXIF rotation or alpha."""
     try:
         image = source if isinstance(source, Image.Image) else Image.open(source)
         if image.width * image.height > MAX_PIXELS:
             raise UnreadableImage(f"the image is {image.width}x{image.height} pixels; the limit is "
                                   f"{MAX_PIXELS // 1_000_000} megapixels")
-        if draft is not None and image.format == "JPEG":
-            image.draft("RGB", draft)
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image.load()

@@ -75,8 +75,7 @@ def build_demo(loaded: LoadedModel, tta: int = TTA_VIEWS, examples: Sequence[Pat
 
 
 def example_photos(test_dir: Path) -> list[Path]:
-    photos = sorted(test_dir.glob("*.jpg"))[:EXAMPLES] if test_dir.is_dir() else []
-    return photos
+    return sorted(test_dir.glob("*.jpg"))[:EXAMPLES] if test_dir.is_dir() else []
 
 
 def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, share: bool = False,

@@ -212,9 +212,17 @@ def download(workdir: Workdir, api: KaggleClient | None = None, zip_path: Path |
             return summary
     if from_dir is not None:
         copy_from_folder(from_dir, workdir.data)
-        summary = mark_verified(workdir)
-        print(summary)
-        return summary
+    else:
+        unpack(_archive(workdir, api, zip_path), workdir.data)
+    summary = mark_verified(workdir)
+    for inner in INNER_ARCHIVES:  # unpacked and verified: 1.6 GB of duplicates on a Drive quota
+        (workdir.data / inner).unlink(missing_ok=True)
+    print(summary)
+    return summary
+
+
+def _archive(workdir: Workdir, api: KaggleClient | None, zip_path: Path | None) -> Path:
+    """The competition archive: the one given, the one already downloaded, or a fresh download."""
     if zip_path is None:
         zip_path = workdir.root / "downloads" / f"{COMPETITION}.zip"
         if not _is_complete_zip(zip_path):
@@ -229,12 +237,7 @@ def download(workdir: Workdir, api: KaggleClient | None = None, zip_path: Path |
     elif not Path(zip_path).is_file():
         raise KitError(f"{zip_path} does not exist. Give the path of the archive downloaded from "
                        f"{COMPETITION_URL}/data.")
-    unpack(Path(zip_path), workdir.data)
-    summary = mark_verified(workdir)
-    for inner in INNER_ARCHIVES:  # unpacked and verified: 1.6 GB of duplicates on a Drive quota
-        (workdir.data / inner).unlink(missing_ok=True)
-    print(summary)
-    return summary
+    return Path(zip_path)
 
 
 def _is_complete_zip(path: Path) -> bool:

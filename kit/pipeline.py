@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from kit import augment
 from kit.config import CACHE_SCALE
-from kit.dataset import UnreadableImage, load_resized, resized_short_side
+from kit.dataset import Split, UnreadableImage, load_resized, resized_short_side
 from kit.files import write_bytes, write_text
 
 CACHE_VERSION = 1  # bump when load_resized changes, so old caches are rebuilt
@@ -176,6 +176,17 @@ def open_cache(cache_root: Path, name: str, paths: Sequence[str], image_size: in
     """The cache of `paths` for a stage size, built (or finished) on first use."""
     short = cache_short_side(image_size)
     return ImageCache(Path(cache_root) / f"{name}-{short}", paths, short, workers, progress)
+
+
+def open_training_cache(cache_root: Path, split: Split, image_size: int,
+                        workers: int = DEFAULT_WORKERS) -> tuple[ImageCache, dict[str, int]]:
+    """One cache for the training and validation images, and each path's position in it.
+
+    Training, validation and the report must list the paths in the same order, or the
+    fingerprint would differ and the cache would be rebuilt.
+    """
+    cache = open_cache(cache_root, "train", list(split.train.path) + list(split.val.path), image_size, workers)
+    return cache, {path: k for k, path in enumerate(cache.paths)}
 
 
 class Uncached:

@@ -16,10 +16,10 @@ from typing import Sequence
 import numpy as np
 
 from kit.cli import add_workdir, main_guard
-from kit.config import CLASS_NAMES, NUM_CLASSES, Workdir
+from kit.config import CLASS_NAMES, NUM_CLASSES, SEED, VAL_FRACTION, Workdir
 from kit.dataset import drop_unreadable, load_split
 from kit.files import write_text
-from kit.pipeline import DEFAULT_WORKERS, default_cache_root, open_cache
+from kit.pipeline import DEFAULT_WORKERS, default_cache_root, open_training_cache
 from kit.plots import plot_confusion, plot_curves
 from kit.predict import LoadedModel, Predictor, add_model_options, model_from_args
 
@@ -68,11 +68,9 @@ def write_report(workdir: Workdir, loaded: LoadedModel, tta: int, seed: int, wor
     from kit.stages import read_manifest
 
     config = read_manifest(workdir)["config"] or {}
-    split = load_split(workdir, config.get("val_fraction", 0.2), config.get("seed", 42))
-    cache = open_cache(default_cache_root(workdir.cache), "train", list(split.train.path) + list(split.val.path),
-                       loaded.image_size, workers)
+    split = load_split(workdir, config.get("val_fraction", VAL_FRACTION), config.get("seed", SEED))
+    cache, position = open_training_cache(default_cache_root(workdir.cache), split, loaded.image_size, workers)
     val = drop_unreadable(split.val, cache.unreadable, "validation")
-    position = {path: k for k, path in enumerate(cache.paths)}
     images = [position[p] for p in val.path]
     labels = val.Category.to_numpy()
     view = _Subset(cache, images)

@@ -29,7 +29,7 @@ from kit.cli import KitError
 from kit.config import Head, Profile, Stage, Workdir
 from kit.dataset import class_weights, drop_unreadable, load_split
 from kit.files import write_text
-from kit.pipeline import DEFAULT_WORKERS, Batches, default_cache_root, open_cache
+from kit.pipeline import DEFAULT_WORKERS, Batches, default_cache_root, open_training_cache
 from kit.plots import plot_curves
 
 BEST = "best.weights.npz"
@@ -210,19 +210,17 @@ def run_stage(workdir: Workdir, stage: Stage, config: RunConfig, options: Option
             changed = [f.name for f in dataclasses.fields(Stage) if getattr(saved_stage, f.name) != getattr(stage, f.name)]
             raise KitError(f"Stage {stage.step} was started with other settings ({', '.join(changed)}); a resumed run "
                            f"must keep them. Drop those flags to resume, or use --restart to start over with them.")
-    elif stage.step > 1 and stage_status(workdir, stage.step - 1) != "done":
+    elif stage.step > 1 and (before := stage_status(workdir, stage.step - 1)) != "done":
         raise KitError(f"Stage {stage.step} starts from stage {stage.step - 1}'s best weights, but stage "
-                       f"{stage.step - 1} is {stage_status(workdir, stage.step - 1)}. Run 'python -m kit.stage --step "
-                       f"{stage.step - 1}{' --resume' if stage_status(workdir, stage.step - 1) == 'interrupted' else ''}' "
-                       "first (or --all).")
+                       f"{stage.step - 1} is {before}. Run 'python -m kit.stage --step "
+                       f"{stage.step - 1}{' --resume' if before == 'interrupted' else ''}' first (or --all).")
 
     # Data: the saved split, the image cache at this stage's size, seeded batches.
     split = load_split(workdir, config.val_fraction, config.seed)
-    cache = open_cache(options.cache_dir or default_cache_root(workdir.cache), "train",
-                       list(split.train.path) + list(split.val.path), stage.image_size, options.workers)
+    cache, positions = open_training_cache(options.cache_dir or default_cache_root(workdir.cache), split,
+                                           stage.image_size, options.workers)
     train = drop_unreadable(split.train, cache.unreadable, "training")
     val = drop_unreadable(split.val, cache.unreadable, "validation")
-    positions = {path: k for k, path in enumerate(cache.paths)}
     train_batches = Batches(cache, train.Category.to_numpy(), stage.batch_size,
                             lambda: train_transform(stage.image_size, stage.light_augment), config.seed, stage.step,
                             shuffle=True, workers=options.workers, steps=stage.steps_per_epoch,
