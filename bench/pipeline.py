@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--workdir", help="use this work directory's real data instead of synthetic photos")
     parser.add_argument("--photos", type=int, default=2000)
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each pipeline; the table shows medians")
+    parser.add_argument("--repeats", type=int, default=5, help="runs of each pipeline; the table shows medians")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -114,7 +114,7 @@ def main() -> None:
             with PeakMemory() as memory:
                 for _ in range(args.repeats):  # interleaved, so a noisy neighbour hits both alike
                     naive_rates.append(naive(paths, labels, size, batch, light, images))
-                    kit_rates.append(kit(cache, labels, size, batch, light, images * 2, args.workers))
+                    kit_rates.append(kit(cache, labels, size, batch, light, images * 3, args.workers))
             naive_rate, kit_rate = float(np.median(naive_rates)), float(np.median(kit_rates))
             rows.append((name, batch, naive_rate, kit_rate, build_s, len(paths) / build_s, memory.peak,
                          build_memory.peak))
