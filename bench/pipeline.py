@@ -121,8 +121,9 @@ def main() -> None:
             print(f"{name}: naive {[round(r) for r in naive_rates]} img/s, kit {[round(r) for r in kit_rates]} img/s",
                   flush=True)
 
-    print(f"\nInput pipeline, {len(paths)} photos, {os.cpu_count()} cores ({platform.processor() or platform.machine()}),"
-          f" {args.workers} workers, median of {args.repeats} interleaved runs, {time.strftime('%Y-%m-%d')}")
+    cpu = platform.processor() or platform.machine()
+    print(f"\nInput pipeline, {len(paths)} photos, {os.cpu_count()} cores ({cpu}), {args.workers} workers,"
+          f" median of {args.repeats} interleaved runs, {time.strftime('%Y-%m-%d')}")
     print("| setting | batch | naive img/s | kit img/s | kit batches/s | kit/naive | cache build s (img/s) |"
           " peak heap MB loading | peak heap MB building |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -171,7 +171,7 @@ def build_model(backbone: str, image_size: int, weights: str = "none", head: Hea
     entry = get_backbone(backbone)
     shape = (image_size, image_size, 3)
     base = build_backbone(entry, shape, weights)
-    base.name = "backbone"  # noqa: the nested model is found by this name when unfreezing
+    base.name = "backbone"  # the nested model is found by this name when unfreezing
     inputs = keras.Input(shape, dtype="uint8", name="image")
     x = PixelAffine(*pixel_affine(entry.preprocess), name="preprocess")(inputs)
     x = base(x)

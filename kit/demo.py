@@ -64,7 +64,8 @@ def build_demo(loaded: LoadedModel, tta: int = TTA_VIEWS, examples: Sequence[Pat
         with gr.Row():
             with gr.Column():
                 photo = photo_input()
-                use_tta = gr.Checkbox(value=False, label=f"Test-time augmentation ({tta} views, slower, a bit more accurate)")
+                use_tta = gr.Checkbox(value=False,
+                                      label=f"Test-time augmentation ({tta} views, slower, a bit more accurate)")
                 button = gr.Button("Name the car", variant="primary")
             label = gr.Label(num_top_classes=TOP_CLASSES, label="Car model")
         if examples:

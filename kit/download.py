@@ -68,7 +68,8 @@ def kaggle_api() -> KaggleClient:
         except SystemExit:
             raise KitError(CREDENTIALS_HELP) from None
         except Exception as error:  # malformed kaggle.json and the like
-            raise KitError(f"The kaggle package could not read your credentials ({error}). {CREDENTIALS_HELP}") from None
+            raise KitError(f"The kaggle package could not read your credentials ({error}). "
+                           f"{CREDENTIALS_HELP}") from None
     return api
 
 
@@ -328,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_workdir(parser)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--zip", type=Path, help="unpack this archive instead of downloading it")
-    source.add_argument("--from-dir", type=Path, help="a folder holding the competition files (Kaggle's attached input)")
+    source.add_argument("--from-dir", type=Path,
+                        help="a folder holding the competition files (Kaggle's attached input)")
     source.add_argument("--synthetic", action="store_true", help="write a generated dataset in the same layout")
     parser.add_argument("--force", action="store_true", help="unpack and verify again even if already verified")
     synthetic = parser.add_argument_group("--synthetic options")

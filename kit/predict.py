@@ -163,7 +163,8 @@ def predict_test(workdir: Workdir, loaded: LoadedModel, tta: int = TTA_VIEWS, se
                  workers: int = DEFAULT_WORKERS, cache_dir: Path | None = None) -> tuple[pd.DataFrame, dict[str, str]]:
     """submission.csv and probabilities.csv for every test Id; returns the submission and the unreadable Ids."""
     test = read_test(workdir)
-    cache = open_cache(cache_dir or default_cache_root(workdir.cache), "test", list(test.path), loaded.image_size, workers)
+    cache_root = cache_dir or default_cache_root(workdir.cache)
+    cache = open_cache(cache_root, "test", list(test.path), loaded.image_size, workers)
     predictor = Predictor(loaded, tta, seed, workers)
     probs, unreadable = predictor.predict_many(cache, list(test.Id))
     missing = np.isnan(probs).any(axis=1)

@@ -24,19 +24,23 @@ from kit.pipeline import DEFAULT_WORKERS
 def add_training_options(parser: argparse.ArgumentParser) -> None:
     """Flags shared by `kit.stage` and `kit` (the run-everything command)."""
     parser.add_argument("--profile", choices=sorted(PROFILES), default=None,
-                        help="stage table and model: colab (EfficientNetB6, the recipe; default) or smoke (tiny, minutes on a CPU)")
+                        help="stage table and model: colab (EfficientNetB6, the recipe; default) "
+                             "or smoke (tiny, minutes on a CPU)")
     parser.add_argument("--backbone", help="backbone registry name (default: the profile's, efficientnet-b6)")
     parser.add_argument("--weights", help="stage 1 backbone weights: imagenet, noisy-student, none, or a file")
     parser.add_argument("--time-budget", type=float, metavar="MINUTES",
                         help="stop cleanly with a checkpoint before this many minutes have passed")
-    parser.add_argument("--save-every", type=int, metavar="STEPS", help="checkpoint every STEPS batches (default: ~10 min)")
+    parser.add_argument("--save-every", type=int, metavar="STEPS",
+                        help="checkpoint every STEPS batches (default: ~10 min)")
     parser.add_argument("--precision", choices=["auto", "float32", "mixed_float16", "mixed_bfloat16"], default="auto",
                         help="auto: mixed precision on a GPU, float32 on a CPU")
     parser.add_argument("--jit", action="store_true", help="compile the train step with XLA")
-    parser.add_argument("--deterministic", action="store_true", help="deterministic ops (bit-exact resume; slower on GPU)")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="deterministic ops (bit-exact resume; slower on GPU)")
     parser.add_argument("--class-weights", action="store_true", help="weight the loss against class imbalance")
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="CPU threads for loading and augmenting")
-    parser.add_argument("--cache-dir", type=Path, help="image cache folder (default: $KIT_CACHE_DIR or <workdir>/cache)")
+    parser.add_argument("--cache-dir", type=Path,
+                        help="image cache folder (default: $KIT_CACHE_DIR or <workdir>/cache)")
     parser.add_argument("--seed", type=int, default=SEED, help=argparse.SUPPRESS)
     parser.add_argument("--val-fraction", type=float, default=VAL_FRACTION, help=argparse.SUPPRESS)
 

@@ -207,7 +207,8 @@ def run_stage(workdir: Workdir, stage: Stage, config: RunConfig, options: Option
     if previous:
         saved_stage = Stage(**previous[2]["stage"])
         if saved_stage != stage:
-            changed = [f.name for f in dataclasses.fields(Stage) if getattr(saved_stage, f.name) != getattr(stage, f.name)]
+            changed = [f.name for f in dataclasses.fields(Stage)
+                       if getattr(saved_stage, f.name) != getattr(stage, f.name)]
             raise KitError(f"Stage {stage.step} was started with other settings ({', '.join(changed)}); a resumed run "
                            f"must keep them. Drop those flags to resume, or use --restart to start over with them.")
     elif stage.step > 1 and (before := stage_status(workdir, stage.step - 1)) != "done":
@@ -225,9 +226,9 @@ def run_stage(workdir: Workdir, stage: Stage, config: RunConfig, options: Option
                             lambda: train_transform(stage.image_size, stage.light_augment), config.seed, stage.step,
                             shuffle=True, workers=options.workers, steps=stage.steps_per_epoch,
                             positions=train.path.map(positions).to_numpy())
-    val_batches = Batches(cache, val.Category.to_numpy(), stage.batch_size * 2, lambda: plain_transform(stage.image_size),
-                          config.seed, stage.step, shuffle=False, workers=options.workers,
-                          positions=val.path.map(positions).to_numpy())
+    val_batches = Batches(cache, val.Category.to_numpy(), stage.batch_size * 2,
+                          lambda: plain_transform(stage.image_size), config.seed, stage.step, shuffle=False,
+                          workers=options.workers, positions=val.path.map(positions).to_numpy())
     if len(train_batches) == 0:
         raise KitError(f"Stage {stage.step} has {len(train)} training images, fewer than one batch of "
                        f"{stage.batch_size}: lower --batch-size or add data.")
@@ -307,8 +308,8 @@ def run_stage(workdir: Workdir, stage: Stage, config: RunConfig, options: Option
             state["stopped_early"] = after_epoch(state, stage, val_accuracy)
             model.optimizer.learning_rate.assign(state["lr"])
             state.update(epoch=epoch + 1, step=0, sums={"loss": 0.0, "correct": 0.0, "seen": 0})
-            print(f"stage {stage.step} epoch {epoch + 1}/{stage.epochs}: loss {row['loss']:.4f} acc {row['accuracy']:.4f}"
-                  f" val_loss {val_loss:.4f} val_acc {val_accuracy:.4f} lr {row['lr']:.2g}"
+            print(f"stage {stage.step} epoch {epoch + 1}/{stage.epochs}: loss {row['loss']:.4f}"
+                  f" acc {row['accuracy']:.4f} val_loss {val_loss:.4f} val_acc {val_accuracy:.4f} lr {row['lr']:.2g}"
                   f"{' (best)' if state['best_epoch'] == epoch + 1 else ''}", flush=True)
             _write_log(folder, stage.step, state["history"])
             _save_checkpoint(workdir, folder, model, state, timer)
@@ -345,7 +346,12 @@ class _Timer:
         self.cost = {"step": 0.0, "validation": 0.0, "save": 5.0}
 
     def note(self, what: str, seconds: float) -> None:
-        self.cost[what] = max(seconds, 0.8 * self.cost[what]) if what != "step" else 0.9 * self.cost[what] + 0.1 * seconds
+        # Steps are many and alike: a running mean. Validation and saving are rare: keep the recent worst,
+        # so the budget check errs on the side of stopping in time.
+        if what == "step":
+            self.cost[what] = 0.9 * self.cost[what] + 0.1 * seconds
+        else:
+            self.cost[what] = max(seconds, 0.8 * self.cost[what])
 
     def would_pass(self, deadline: float, what: str) -> bool:
         """Would doing `what` and then saving overrun the deadline?"""
@@ -413,7 +419,8 @@ def _discard(workdir: Workdir, step: int) -> None:
 
 def status_table(workdir: Workdir, stages: tuple[Stage, ...]) -> str:
     manifest = read_manifest(workdir)
-    lines = [f"{'step':>4}  {'size':>4}  {'trainable':<26} {'status':<28} {'best val_acc':>12} {'epochs':>6} {'wall time':>9}"]
+    lines = [f"{'step':>4}  {'size':>4}  {'trainable':<26} {'status':<28} {'best val_acc':>12} {'epochs':>6}"
+             f" {'wall time':>9}"]
     for stage in stages:
         record = manifest["stages"].get(str(stage.step), {})
         status = stage_status(workdir, stage.step)

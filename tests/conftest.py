@@ -28,7 +28,8 @@ def real_photos(shared) -> list[Path]:
     return sorted((shared / "test_upload_sample").glob("*.jpg"))
 
 
-def run_kit(*args: str, env: dict | None = None, timeout: float = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def run_kit(*args: str, env: dict | None = None, timeout: float = 600,
+            cwd: Path | None = None) -> subprocess.CompletedProcess:
     """`python -m kit...` in a real subprocess, as a user runs it."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=full_env,

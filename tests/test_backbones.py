@@ -42,7 +42,8 @@ def test_efficientnet_unfreezes_whole_blocks_from_the_top_with_batchnorm_frozen(
     set_trainable(model, 1.0)
     assert all(layer.trainable for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization))
     set_trainable(model, 0.0)
-    assert model.get_layer("head_dense").trainable and not any(l.trainable for l in base.layers if l.weights)
+    assert model.get_layer("head_dense").trainable
+    assert not any(layer.trainable for layer in base.layers if layer.weights)
 
 
 def test_residual_networks_split_at_adds():
@@ -58,7 +59,8 @@ def test_offline_weights_name_the_file_and_where_to_put_it(monkeypatch):
         raise Exception(f"URL fetch failure on {origin}: None -- [Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(file_utils, "get_file", offline)
-    with pytest.raises(KitError, match=r"efficientnetb0_notop\.h5.*~/.keras/models/efficientnetb0_notop\.h5.*--weights PATH"):
+    expected = r"efficientnetb0_notop\.h5.*~/.keras/models/efficientnetb0_notop\.h5.*--weights PATH"
+    with pytest.raises(KitError, match=expected):
         build_model("keras-efficientnetb0", 64, "imagenet")
 
 

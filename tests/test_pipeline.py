@@ -26,7 +26,9 @@ def test_cached_batches_equal_uncached_ones_pixel_for_pixel(tmp_path):
     paths = images_of(workdir)
     labels = read_train(workdir).Category.to_numpy()
     cache = open_cache(tmp_path / "cache", "train", paths, 64, workers=2, progress=False)
-    make = lambda: train_transform(64)
+    def make():
+        return train_transform(64)
+
     cached = Batches(cache, labels, 7, make, seed=1, stage=2, shuffle=True)
     uncached = Batches(Uncached(paths, 64), labels, 7, make, seed=1, stage=2, shuffle=True, workers=1)
     for (xa, ya), (xb, yb) in zip(cached.epoch(3), uncached.epoch(3)):
