@@ -10,6 +10,7 @@ the same statistics for Predictor.rank on the same photo in the same process; pr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import sys
@@ -23,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kit import checkpoint, demo  # noqa: E402
 from kit.backbones import build_model  # noqa: E402
-from kit.config import PROFILES, TTA_VIEWS  # noqa: E402
+from kit.config import PROFILES, SEED, STEPS, TTA_VIEWS, VAL_FRACTION  # noqa: E402
 from kit.predict import LoadedModel, Predictor, load_model  # noqa: E402
+from kit.stages import RunConfig  # noqa: E402
 
 SHARED_PHOTO = Path(__file__).resolve().parents[2] / "shared" / "competition" / "test_upload_sample" / "4052.jpg"
 
@@ -32,15 +34,11 @@ SHARED_PHOTO = Path(__file__).resolve().parents[2] / "shared" / "competition" / 
 def default_model(size: int) -> LoadedModel:
     """The colab profile's model with random weights, saved and loaded as a real weights file."""
     profile = PROFILES["colab"]
-    from kit.stages import RunConfig
-
     config = RunConfig("colab", profile.backbone, "none", profile.head.units, profile.head.dropout,
-                       profile.head.bn_momentum, 42, 0.2)
+                       profile.head.bn_momentum, SEED, VAL_FRACTION)
     path = Path(tempfile.mkdtemp()) / "random.weights.npz"
-    import dataclasses
-
     checkpoint.save(path, build_model(profile.backbone, size, "none", profile.head),
-                    {"stage": 7, "image_size": size, "config": dataclasses.asdict(config)})
+                    {"stage": STEPS[-1], "image_size": size, "config": dataclasses.asdict(config)})
     return load_model(path)
 
 

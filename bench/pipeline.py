@@ -59,7 +59,7 @@ class PeakMemory:
         self.thread.join()
 
 
-def naive(paths: list[str], labels: np.ndarray, size: int, batch: int, light: bool, images: int) -> float:
+def naive(paths: list[str], size: int, batch: int, light: bool, images: int) -> float:
     """Images per second of decode + resize + augment + normalise, one worker, no cache."""
     transform = train_transform(size, light)
     order = np.random.default_rng(0).permutation(len(paths))
@@ -113,7 +113,7 @@ def main() -> None:
             naive_rates, kit_rates = [], []
             with PeakMemory() as memory:
                 for _ in range(args.repeats):  # interleaved, so a noisy neighbour hits both alike
-                    naive_rates.append(naive(paths, labels, size, batch, light, images))
+                    naive_rates.append(naive(paths, size, batch, light, images))
                     kit_rates.append(kit(cache, labels, size, batch, light, images * 3, args.workers))
             naive_rate, kit_rate = float(np.median(naive_rates)), float(np.median(kit_rates))
             rows.append((name, batch, naive_rate, kit_rate, build_s, len(paths) / build_s, memory.peak,

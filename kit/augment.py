@@ -107,9 +107,9 @@ class LumaNoise(A.ImageOnlyTransform):
     def get_params_dependent_on_data(self, params: dict, data: dict) -> dict:
         height, width = params["shape"][:2]
         # At least BANK // 2 offsets in each direction, whatever the image size.
-        if self._bank.shape[0] < height + self.BANK // 2 or self._bank.shape[1] < width + self.BANK // 2:
-            side = max(self.BANK, height + self.BANK // 2), max(self.BANK, width + self.BANK // 2)
-            self._bank = np.random.default_rng(0).standard_normal(side, np.float32)
+        need = max(self.BANK, height + self.BANK // 2), max(self.BANK, width + self.BANK // 2)
+        if self._bank.shape[0] < need[0] or self._bank.shape[1] < need[1]:
+            self._bank = np.random.default_rng(0).standard_normal(need, np.float32)
         y = self.py_random.randrange(self._bank.shape[0] - height + 1)
         x = self.py_random.randrange(self._bank.shape[1] - width + 1)
         sigma = self.py_random.uniform(*self.std_range) * 255

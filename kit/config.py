@@ -84,6 +84,9 @@ SMOKE_STAGES: tuple[Stage, ...] = (
     Stage(7, 64, 32, 1e-4, 2, 1.0, light_augment=True, plateau_patience=2),
 )
 
+# Every profile has these seven steps; commands, reports and the model finder count them from here.
+STEPS: tuple[int, ...] = tuple(stage.step for stage in COLAB_STAGES)
+
 
 @dataclass(frozen=True)
 class Head:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from kit.augment import plain_transform, tta_transform, tta_views
 from kit.cli import KitError, add_workdir, main_guard
-from kit.config import CLASS_NAMES, NUM_CLASSES, PROFILES, SEED, TTA_VIEWS, Workdir, stage_of
+from kit.config import CLASS_NAMES, NUM_CLASSES, PROFILES, SEED, STEPS, TTA_VIEWS, Workdir, stage_of
 from kit.dataset import UnreadableImage, load_resized, read_test, read_train
 from kit.files import write_text
 from kit.pipeline import DEFAULT_WORKERS, cache_short_side, default_cache_root, open_cache, ordered_map
@@ -50,7 +50,7 @@ class LoadedModel:
 def last_finished_stage(workdir: Workdir) -> int | None:
     from kit.stages import stage_status
 
-    done = [step for step in range(1, 8) if stage_status(workdir, step) == "done"]
+    done = [step for step in STEPS if stage_status(workdir, step) == "done"]
     return max(done) if done else None
 
 
@@ -184,7 +184,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="the profile trained (smoke keeps to <workdir>/smoke)")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--weights", type=Path, help="a best.weights.npz file (default: the last finished stage's)")
-    which.add_argument("--stage", type=int, choices=range(1, 8), metavar="N", help="the best weights of stage N")
+    which.add_argument("--stage", type=int, choices=STEPS, metavar="N", help="the best weights of stage N")
     parser.add_argument("--image-size", type=int, help="default: the size that stage trained at")
     parser.add_argument("--tta", type=int, default=TTA_VIEWS, help=f"views per image, 0 for none (default {TTA_VIEWS})")
     parser.add_argument("--seed", type=int, default=SEED, help="seed of the TTA draws")

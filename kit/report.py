@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from kit.cli import add_workdir, main_guard
-from kit.config import CLASS_NAMES, NUM_CLASSES, SEED, VAL_FRACTION, Workdir
+from kit.config import CLASS_NAMES, NUM_CLASSES, SEED, STEPS, VAL_FRACTION, Workdir
 from kit.dataset import drop_unreadable, load_split
 from kit.files import write_text
 from kit.pipeline import DEFAULT_WORKERS, default_cache_root, open_training_cache
@@ -55,7 +55,7 @@ def classification_report(rows: list[dict], accuracy: float) -> str:
 
 def stage_histories(workdir: Workdir) -> dict[str, list[dict]]:
     histories = {}
-    for step in range(1, 8):
+    for step in STEPS:
         log = workdir.stage_dir(step) / "log.csv"
         if log.is_file():
             with open(log, newline="") as f:

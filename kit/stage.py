@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from kit.cli import KitError, add_workdir, main_guard
-from kit.config import PROFILES, SEED, VAL_FRACTION, Workdir, override_stage, stage_of
+from kit.config import PROFILES, SEED, STEPS, VAL_FRACTION, Workdir, override_stage, stage_of
 from kit.pipeline import DEFAULT_WORKERS
 
 
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workdir(parser)
     what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--step", type=int, choices=range(1, 8), metavar="N", help="run stage N (1-7)")
+    what.add_argument("--step", type=int, choices=STEPS, metavar="N", help=f"run stage N ({STEPS[0]}-{STEPS[-1]})")
     what.add_argument("--all", action="store_true", help="run every stage not yet done")
     what.add_argument("--status", action="store_true", help="show the stages' state")
     again = parser.add_mutually_exclusive_group()

@@ -26,6 +26,7 @@ def test_cached_batches_equal_uncached_ones_pixel_for_pixel(tmp_path):
     paths = images_of(workdir)
     labels = read_train(workdir).Category.to_numpy()
     cache = open_cache(tmp_path / "cache", "train", paths, 64, workers=2, progress=False)
+
     def make():
         return train_transform(64)
 
