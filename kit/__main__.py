@@ -3,6 +3,9 @@
     python -m kit                     # the real competition (Kaggle credentials, a GPU)
     python -m kit --smoke             # synthetic data, tiny backbone: minutes on a CPU, no network
     python -m kit --time-budget 700   # stop with a checkpoint before a session limit; run again to continue
+
+Exit codes: 0 everything done and predicted, 3 stopped with a checkpoint (run the same command
+again), 2 a user error, 1 anything else (an unreadable test image among them).
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from kit.cli import add_workdir, main_guard
+from kit.cli import EXIT_DONE, EXIT_FAILED, EXIT_STOPPED, add_workdir, main_guard
 from kit.config import PROFILES, TTA_VIEWS, Workdir
 
 
@@ -20,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workdir(parser)
-    parser.add_argument("--smoke", action="store_true", help="the smoke profile on synthetic data, in <workdir>/smoke")
+    parser.add_argument("--smoke", action="store_true", help="the same as --profile smoke: synthetic data, in "
+                                                             "<workdir>/smoke")
     parser.add_argument("--tta", type=int, default=TTA_VIEWS, help=f"test-time views (default {TTA_VIEWS})")
     add_training_options(parser)
     return parser
@@ -28,10 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from kit import download, predict, stages
-    from kit.stage import options_from
+    from kit import download, predict
+    from kit.stage import train
 
-    profile = PROFILES["smoke" if args.smoke else (args.profile or "colab")]
+    profile = PROFILES["smoke" if args.smoke else args.profile]
     workdir = Workdir.resolve(args.workdir, profile)
     print(f"== data ({workdir.data})")
     if download.is_verified(workdir):
@@ -44,21 +48,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         download.download(workdir)
 
     print(f"== training ({profile.name} profile, {len(profile.stages)} stages)")
-    config = stages.run_config(workdir, profile, args.backbone, args.weights, args.seed, args.val_fraction)
-    if stages.run_all(workdir, profile.stages, config, options_from(args)) != "done":
-        return 0  # stopped cleanly with a checkpoint; the same command continues
+    args.all = True
+    if train(workdir, profile, args) != "done":
+        return EXIT_STOPPED  # stopped cleanly with a checkpoint; the same command continues
 
     print(f"== prediction (TTA {args.tta})")
     loaded = predict.load_model(predict.weights_path(workdir))
     print(f"Model: {loaded.describe()}")
-    submission, unreadable = predict.predict_test(workdir, loaded, args.tta, args.seed, args.workers, args.cache_dir)
+    seed = predict.run_seed(workdir)
+    submission, unreadable = predict.predict_test(workdir, loaded, args.tta, seed, args.workers, args.cache_dir)
     print(f"Wrote {workdir.submissions / 'submission.csv'} ({len(submission)} rows)")
     if unreadable:
         print(f"error: {len(unreadable)} test images could not be read: {', '.join(unreadable)}")
-        return 1
-    print("Next: python -m kit.report, python -m kit.submit --message '...', python -m kit.demo --share"
-          + (" (add --profile smoke)" if args.smoke else ""))
-    return 0
+        return EXIT_FAILED
+    print("Next: " + ", ".join(workdir.command(m, *a) for m, *a in (
+        ("kit.report",), ("kit.submit", "--message", "'...'"), ("kit.demo", "--share"))))
+    return EXIT_DONE
 
 
 main = main_guard(main)

@@ -241,6 +241,26 @@ def choose_precision(precision: str) -> str:
     return "mixed_bfloat16" if gpu >= 8.0 else "mixed_float16"
 
 
+def describe_device() -> str:
+    """The accelerator a run is on, in words ('NVIDIA Tesla T4', 'CPU'): recorded with each checkpoint."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+        return tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU") if gpus else "CPU"
+    if backend == "jax":
+        import jax
+
+        device = jax.devices()[0]
+        return "CPU" if device.platform == "cpu" else str(device.device_kind)
+    if backend == "torch":
+        import torch
+
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    return "CPU"
+
+
 def _gpu_compute_capability() -> float | None:
     backend = keras.backend.backend()
     if backend == "tensorflow":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -136,23 +137,48 @@ def override_stage(stage: Stage, **changes) -> Stage:
 
 @dataclass(frozen=True)
 class Workdir:
-    """The one folder that holds data, weights and submissions (Google Drive on Colab)."""
+    """The one folder that holds data, weights and submissions (Google Drive on Colab).
+
+    `data_dir` moves the unpacked photos elsewhere (Colab's local disk, $KIT_DATA_DIR): tens of
+    thousands of small files are slow to write to Drive and slow to read back after a disconnect.
+    `flags` are the command-line flags that name this folder, so every hint the kit prints can
+    repeat them and a pasted command reaches the same place.
+    """
 
     root: Path
+    data_dir: Path | None = None
+    flags: str = ""
 
     def __post_init__(self):
         object.__setattr__(self, "root", Path(self.root))
+        if self.data_dir is not None:
+            object.__setattr__(self, "data_dir", Path(self.data_dir))
+
+    def __str__(self) -> str:
+        return str(self.root)
 
     @classmethod
     def resolve(cls, path: str | os.PathLike | None = None, profile: Profile | None = None) -> "Workdir":
         root = Path(path or os.environ.get("KIT_WORKDIR") or ".").expanduser().resolve()
+        flags = []
         if profile is not None and profile.subdir:
             root = root / profile.subdir
-        return cls(root)
+            flags += ["--profile", profile.name]
+        if path:
+            flags += ["--workdir", str(path)]
+        data_dir = os.environ.get("KIT_DATA_DIR")
+        if data_dir and profile is not None and profile.subdir:
+            data_dir = str(Path(data_dir) / profile.subdir)
+        return cls(root, Path(data_dir).expanduser().resolve() if data_dir else None,
+                   "".join(f" {shlex.quote(flag)}" for flag in flags))
+
+    def command(self, module: str, *args: str) -> str:
+        """`python -m kit.X ARGS` with the flags that name this work directory, ready to paste."""
+        return " ".join([f"python -m {module}", *args]) + self.flags
 
     @property
     def data(self) -> Path:
-        return self.root / "data"
+        return self.data_dir or self.root / "data"
 
     @property
     def train_csv(self) -> Path:
@@ -171,8 +197,8 @@ class Workdir:
         return self.data / "test_upload"
 
     @property
-    def split_csv(self) -> Path:
-        return self.data / "split.csv"
+    def downloads(self) -> Path:
+        return self.root / "downloads"
 
     @property
     def cache(self) -> Path:
@@ -185,6 +211,15 @@ class Workdir:
     @property
     def manifest(self) -> Path:
         return self.weights / "state.json"
+
+    @property
+    def split_csv(self) -> Path:
+        """The train/validation split belongs to the run (kept with its weights), not to the unpacked photos."""
+        return self.weights / "split.csv"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".kit.lock"
 
     def stage_dir(self, step: int) -> Path:
         return self.weights / f"stage_{step}"

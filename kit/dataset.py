@@ -117,11 +117,14 @@ def load_split(workdir: Workdir, val_fraction: float = VAL_FRACTION, seed: int =
     accuracies would not compare and validation images would leak into training.
     """
     frame = read_train(workdir)
+    legacy = workdir.data / "split.csv"  # where runs started before 2026-11-22 kept it
+    if legacy.is_file() and not workdir.split_csv.is_file():
+        write_text(workdir.split_csv, legacy.read_text())
     if workdir.split_csv.is_file():
         saved = pd.read_csv(workdir.split_csv, dtype={"Id": str})
         if set(saved.Id) != set(frame.Id):
-            raise KitError(f"The saved split {workdir.split_csv} does not match train.csv (the data changed). "
-                           "If you really mean to start over, delete it together with weights/ and train again.")
+            raise KitError(f"The saved split {workdir.split_csv} does not match {workdir.train_csv} (the data "
+                           f"changed). If you really mean to start over, delete {workdir.weights} and train again.")
         is_val = frame.Id.map(dict(zip(saved.Id, saved.fold == "val"))).to_numpy(bool)
     else:
         is_val = stratified_split(frame.Category.to_numpy(), val_fraction, seed)

@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import errno
 import io
+import json
 import shutil
 import zipfile
 from dataclasses import dataclass
@@ -26,12 +27,13 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from kit.cli import KitError, add_workdir, main_guard
-from kit.config import CLASS_NAMES, COMPETITION, COMPETITION_URL, NUM_CLASSES, SEED, Workdir
+from kit.config import CLASS_NAMES, COMPETITION, COMPETITION_URL, NUM_CLASSES, PROFILES, SEED, Workdir
 from kit.files import atomic_path, write_text
 
 INNER_ARCHIVES = ("train.zip", "test.zip")
 CSV_FILES = ("train.csv", "sample-submission.csv")
-VERIFIED_MARKER = ".verified"
+DESCRIPTION = "dataset.json"  # written last, once the layout is verified: where the data came from, its classes
+OLD_MARKER = ".verified"  # what a work directory made before dataset.json holds instead
 
 CREDENTIALS_HELP = (
     "Kaggle credentials were not found. Give them in any one of these ways, then run the command again: "
@@ -39,8 +41,9 @@ CREDENTIALS_HELP = (
     "~/.kaggle/access_token); or set KAGGLE_USERNAME and KAGGLE_KEY; or put kaggle.json (from 'Create Legacy "
     "API Key' on the same page) in ~/.kaggle/kaggle.json, or in the folder named by KAGGLE_CONFIG_DIR, with "
     "chmod 600; or run 'kaggle auth login'. On Colab, add KAGGLE_USERNAME and KAGGLE_KEY (or KAGGLE_API_TOKEN) "
-    "in the Secrets panel (the key icon) and let the notebook copy them into the environment. On Kaggle the "
-    "data is attached to the notebook: use --zip or point --workdir at it instead."
+    "in the Secrets panel (the key icon) and let the notebook copy them into the environment. On Kaggle no "
+    "credentials are needed: attach the competition as input data and run 'python -m kit.download --from-dir "
+    f"/kaggle/input/{COMPETITION}'."
 )
 
 
@@ -166,24 +169,36 @@ def _read_index_csv(path: Path) -> pd.DataFrame:
 
 
 def is_verified(workdir: Workdir) -> bool:
-    return (workdir.data / VERIFIED_MARKER).is_file()
+    return (workdir.data / DESCRIPTION).is_file() or (workdir.data / OLD_MARKER).is_file()
 
 
-def mark_verified(workdir: Workdir) -> DatasetSummary:
+def mark_verified(workdir: Workdir, source: str) -> DatasetSummary:
+    """Verify the layout, then write the dataset description: the data is complete once it exists."""
     summary, problems = verify(workdir.data)
     if summary is None:
         raise KitError(f"The dataset in {workdir.data} is incomplete: {'; '.join(problems)}. Run "
-                       "'python -m kit.download' again to finish it.")
-    write_text(workdir.data / VERIFIED_MARKER, "verified\n")
+                       f"'{workdir.command('kit.download')}' again to finish it.")
+    (workdir.data / OLD_MARKER).unlink(missing_ok=True)
+    write_text(workdir.data / DESCRIPTION, json.dumps(
+        {"source": source, "classes": list(CLASS_NAMES), "class_counts": summary.class_counts,
+         "test_images": summary.test_count}, indent=2))
     return summary
+
+
+def dataset_source(workdir: Workdir) -> str:
+    """'kaggle', 'zip', 'folder', 'synthetic', or 'unknown' (verified before the description existed)."""
+    try:
+        return json.loads((workdir.data / DESCRIPTION).read_text())["source"]
+    except (OSError, ValueError, KeyError):
+        return "unknown"
 
 
 def require_dataset(workdir: Workdir) -> None:
     """Refuse to train or predict on a dataset that was not fully unpacked and verified."""
     if not is_verified(workdir):
-        raise KitError(f"No verified dataset in {workdir.data}. Run 'python -m kit.download' (Kaggle), "
-                       "'python -m kit.download --zip ARCHIVE' or 'python -m kit.download --synthetic' first, "
-                       "with the same --workdir.")
+        raise KitError(f"No verified dataset in {workdir.data}. Run '{workdir.command('kit.download')}' (Kaggle; "
+                       "add --zip ARCHIVE for an archive downloaded by hand, --from-dir DIR on Kaggle, or "
+                       "--synthetic for generated pictures) first.")
 
 
 def copy_from_folder(folder: Path, data: Path) -> None:
@@ -215,7 +230,7 @@ def download(workdir: Workdir, api: KaggleClient | None = None, zip_path: Path |
         copy_from_folder(from_dir, workdir.data)
     else:
         unpack(_archive(workdir, api, zip_path), workdir.data)
-    summary = mark_verified(workdir)
+    summary = mark_verified(workdir, "folder" if from_dir else "zip" if zip_path else "kaggle")
     for inner in INNER_ARCHIVES:  # unpacked and verified: 1.6 GB of duplicates on a Drive quota
         (workdir.data / inner).unlink(missing_ok=True)
     print(summary)
@@ -225,7 +240,7 @@ def download(workdir: Workdir, api: KaggleClient | None = None, zip_path: Path |
 def _archive(workdir: Workdir, api: KaggleClient | None, zip_path: Path | None) -> Path:
     """The competition archive: the one given, the one already downloaded, or a fresh download."""
     if zip_path is None:
-        zip_path = workdir.root / "downloads" / f"{COMPETITION}.zip"
+        zip_path = workdir.downloads / f"{COMPETITION}.zip"
         if not _is_complete_zip(zip_path):
             api = api or kaggle_api()
             print(f"Downloading {COMPETITION} from Kaggle into {zip_path.parent} ...")
@@ -333,11 +348,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a folder holding the competition files (Kaggle's attached input)")
     source.add_argument("--synthetic", action="store_true", help="write a generated dataset in the same layout")
     parser.add_argument("--force", action="store_true", help="unpack and verify again even if already verified")
-    synthetic = parser.add_argument_group("--synthetic options")
-    synthetic.add_argument("--per-class", type=int, default=100, help="training images per class (default 100)")
-    synthetic.add_argument("--test", type=int, default=50, help="test images (default 50)")
+    synthetic = parser.add_argument_group("--synthetic options (the smoke profile has its own defaults)")
+    synthetic.add_argument("--per-class", type=int, help="training images per class (default 100)")
+    synthetic.add_argument("--test", type=int, help="test images (default 50)")
     synthetic.add_argument("--seed", type=int, default=SEED)
-    synthetic.add_argument("--size", default="640x480", help="typical image size WxH (default 640x480)")
+    synthetic.add_argument("--size", help="typical image size WxH (default 640x480)")
     synthetic.add_argument("--ids-from", type=Path,
                            help="take Ids and class proportions from real competition CSVs in this folder")
     return parser
@@ -345,12 +360,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    workdir = Workdir.resolve(args.workdir)
-    if args.synthetic:
+    profile = PROFILES[args.profile]
+    workdir = Workdir.resolve(args.workdir, profile)
+    if args.synthetic or (profile.synthetic and not (args.zip or args.from_dir)):
         from kit.synthetic import write_synthetic
 
-        summary = write_synthetic(workdir, per_class=args.per_class, test=args.test, seed=args.seed,
-                                  size=parse_size(args.size), ids_from=args.ids_from)
+        settings = {"per_class": 100, "test": 50, "size": (640, 480), **profile.synthetic}
+        given = {"per_class": args.per_class, "test": args.test, "size": args.size and parse_size(args.size)}
+        settings.update({k: v for k, v in given.items() if v is not None})
+        summary = write_synthetic(workdir, seed=args.seed, ids_from=args.ids_from, **settings)
         print(summary)
         return 0
     download(workdir, zip_path=args.zip, force=args.force, from_dir=args.from_dir)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import shutil
 import threading
@@ -30,7 +31,8 @@ from kit.config import CACHE_SCALE
 from kit.dataset import Split, UnreadableImage, load_resized, resized_short_side
 from kit.files import write_bytes, write_text
 
-CACHE_VERSION = 1  # bump when load_resized changes, so old caches are rebuilt
+CACHE_VERSION = 1
+FLUSH_S = 5.0  # how often a build saves its progress  # bump when load_resized changes, so old caches are rebuilt
 DEFAULT_WORKERS = os.cpu_count() or 2
 
 _EXIF_ORIENTATION = 0x0112
@@ -59,11 +61,13 @@ class ImageCache:
 
     Files: layout.npz (offsets and shapes, written first), pixels.u8 (all pixels back to back),
     done.npy (which images are written and flushed), meta.json (written last: complete).
-    An interrupted build is continued from done.npy; a mismatched fingerprint starts over.
+    An interrupted build is continued from done.npy; a mismatched fingerprint starts over. With a
+    `deadline` (time.time() seconds) a build that would run past it stops there, its progress
+    saved, and raises CacheIncomplete: the next run continues it.
     """
 
     def __init__(self, folder: Path, paths: Sequence[str], short_side: int, workers: int = DEFAULT_WORKERS,
-                 progress: bool = True):
+                 progress: bool = True, deadline: float = math.inf):
         self.folder, self.paths, self.short_side = folder, list(paths), short_side
         self.fingerprint = fingerprint(self.paths, short_side)
         meta = self._read_meta()
@@ -71,7 +75,7 @@ class ImageCache:
             shutil.rmtree(folder, ignore_errors=True)
             meta = {}
         if not meta.get("complete"):
-            self._build(workers, progress)
+            self._build(workers, progress, deadline)
             meta = self._read_meta()
         self.unreadable: dict[str, str] = meta["unreadable"]
         layout = np.load(folder / "layout.npz")
@@ -94,9 +98,12 @@ class ImageCache:
         except (OSError, ValueError):
             return {}
 
-    def _build(self, workers: int, progress: bool) -> None:
+    def _build(self, workers: int, progress: bool, deadline: float) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        write_text(self.folder / "meta.json", json.dumps({"fingerprint": self.fingerprint, "complete": False}))
+        # What a killed build found unreadable stays known: done.npy marks those images done, and
+        # forgetting why would let them pass as black pictures trained under their label.
+        unreadable = self._read_meta().get("unreadable", {})
+        self._write_meta(unreadable, complete=False)
         layout_file, pixels_file, done_file = (self.folder / n for n in ("layout.npz", "pixels.u8", "done.npy"))
         if not layout_file.is_file():
             shapes = np.array([self._planned_shape(p) for p in self.paths], np.int64).reshape(-1, 2)
@@ -108,20 +115,28 @@ class ImageCache:
         layout = np.load(layout_file)
         offsets, shapes = layout["offsets"], layout["shapes"]
         done = np.load(done_file) if done_file.is_file() else np.zeros(len(self.paths), bool)
-        unreadable = self._read_meta().get("unreadable", {})
         pixels = np.memmap(pixels_file, np.uint8, mode="r+")
         todo = np.flatnonzero(~done)
 
+        slow = float(os.environ.get("KIT_FAULT_SLOW_DECODE", "0") or 0)  # tests stretch a build to test budgets
+
         def decode(index: int) -> tuple[int, np.ndarray | str]:
+            time.sleep(slow)
             try:
                 return index, load_resized(self.paths[index], self.short_side)
             except UnreadableImage as error:
                 return index, str(error)
 
-        last_flush = time.monotonic()
+        last_flush, started, built = time.monotonic(), time.time(), 0
         with tqdm(total=len(todo), desc=f"caching images at {self.short_side} px",
                   disable=not progress or not len(todo), mininterval=1.0) as bar:
             for index, result in ordered_map(decode, todo, workers, ahead=4 * workers):
+                built += 1
+                per_image = (time.time() - started) / built
+                if time.time() + per_image + FLUSH_S > deadline:  # room to save what is built
+                    self._checkpoint(pixels, done, unreadable, complete=False)
+                    raise CacheIncomplete(f"the time budget ran out while caching images at {self.short_side} px "
+                                          f"({int(done.sum())} of {len(done)} done; the next run continues)")
                 h, w = shapes[index]
                 if isinstance(result, str) or result.shape != (h, w, 3):
                     unreadable[self.paths[index]] = result if isinstance(result, str) else "size changed while caching"
@@ -130,16 +145,21 @@ class ImageCache:
                     pixels[start:start + h * w * 3] = result.reshape(-1)
                 done[index] = True
                 bar.update()
-                if time.monotonic() - last_flush > 5:
+                if time.monotonic() - last_flush > FLUSH_S:
                     self._checkpoint(pixels, done, unreadable, complete=False)
                     last_flush = time.monotonic()
         self._checkpoint(pixels, done, unreadable, complete=True)
 
     def _checkpoint(self, pixels: np.memmap, done: np.ndarray, unreadable: dict, complete: bool) -> None:
-        # Pixels reach the disk before done.npy claims them, and meta.json says complete last.
+        # Pixels reach the disk before done.npy claims them; the unreadable list (in meta.json) before
+        # done.npy marks those images done; and meta.json says complete last.
         pixels.flush()
-        buffer = _npy_bytes(done)
-        write_bytes(self.folder / "done.npy", buffer)
+        self._write_meta(unreadable, complete=False)
+        write_bytes(self.folder / "done.npy", _npy_bytes(done))
+        if complete:
+            self._write_meta(unreadable, complete=True)
+
+    def _write_meta(self, unreadable: dict, complete: bool) -> None:
         write_text(self.folder / "meta.json", json.dumps(
             {"fingerprint": self.fingerprint, "complete": complete, "unreadable": unreadable,
              "short_side": self.short_side, "images": len(self.paths)}))
@@ -171,21 +191,35 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> None:
     write_bytes(path, buffer.getvalue())
 
 
+class CacheIncomplete(Exception):
+    """A cache build stopped at its deadline; what it built is kept."""
+
+
 def open_cache(cache_root: Path, name: str, paths: Sequence[str], image_size: int,
-               workers: int = DEFAULT_WORKERS, progress: bool = True) -> ImageCache:
+               workers: int = DEFAULT_WORKERS, progress: bool = True, deadline: float = math.inf) -> ImageCache:
     """The cache of `paths` for a stage size, built (or finished) on first use."""
     short = cache_short_side(image_size)
-    return ImageCache(Path(cache_root) / f"{name}-{short}", paths, short, workers, progress)
+    return ImageCache(Path(cache_root) / f"{name}-{short}", paths, short, workers, progress, deadline)
 
 
-def open_training_cache(cache_root: Path, split: Split, image_size: int,
-                        workers: int = DEFAULT_WORKERS) -> tuple[ImageCache, dict[str, int]]:
+def cache_is_complete(cache_root: Path, name: str, image_size: int) -> bool:
+    """Whether a cache at this size was finished (for any list of files; a cheap look before a budget decision)."""
+    meta = Path(cache_root) / f"{name}-{cache_short_side(image_size)}" / "meta.json"
+    try:
+        return bool(json.loads(meta.read_text()).get("complete"))
+    except (OSError, ValueError):
+        return False
+
+
+def open_training_cache(cache_root: Path, split: Split, image_size: int, workers: int = DEFAULT_WORKERS,
+                        deadline: float = math.inf) -> tuple[ImageCache, dict[str, int]]:
     """One cache for the training and validation images, and each path's position in it.
 
     Training, validation and the report must list the paths in the same order, or the
     fingerprint would differ and the cache would be rebuilt.
     """
-    cache = open_cache(cache_root, "train", list(split.train.path) + list(split.val.path), image_size, workers)
+    cache = open_cache(cache_root, "train", list(split.train.path) + list(split.val.path), image_size, workers,
+                       deadline=deadline)
     return cache, {path: k for k, path in enumerate(cache.paths)}
 
 

@@ -66,12 +66,14 @@ def weights_path(workdir: Workdir, weights: Path | None = None, stage: int | Non
     if stage is not None:
         if stage_status(workdir, stage) != "done":
             raise KitError(f"Stage {stage} is not done in {workdir}, so it has no best weights yet. Run "
-                           f"'python -m kit.stage --step {stage}' (see 'python -m kit.stage --status').")
+                           f"'{workdir.command('kit.stage', '--step', str(stage))}' (see "
+                           f"'{workdir.command('kit.stage', '--status')}').")
         return best_weights(workdir, stage)
     stage = last_finished_stage(workdir)
     if stage is None:
-        raise KitError(f"No trained weights in {workdir.weights}. Train first with 'python -m kit.stage --all' "
-                       "(or 'python -m kit --smoke' for a quick run), or pass --weights PATH.")
+        raise KitError(f"No trained weights in {workdir.weights}. Train first with "
+                       f"'{workdir.command('kit.stage', '--all')}' (or 'python -m kit --smoke' for a quick run), or "
+                       "pass --weights PATH.")
     return best_weights(workdir, stage)
 
 
@@ -93,7 +95,10 @@ def load_model(path: Path, image_size: int | None = None, precision: str = "auto
     size = image_size or state.get("image_size") or stage_of(PROFILES[config.profile], step).image_size
     keras.mixed_precision.set_global_policy(choose_precision(precision))  # weights stay float32 either way
     model = build_model(config.backbone, size, "none", config.head)
-    checkpoint.assign(model.variables, arrays, "model", path)
+    try:
+        checkpoint.assign_model(model, arrays, path)
+    except checkpoint.IncompatibleCheckpoint as error:
+        raise KitError(str(error)) from None
     return LoadedModel(model, config.backbone, step, size, state.get("val_accuracy"), path)
 
 
@@ -154,6 +159,14 @@ class Predictor:
         return probs, unreadable
 
 
+def run_seed(workdir: Workdir) -> int:
+    """The seed the run in `workdir` trained with (TTA draws use it too), or the default seed."""
+    from kit.stages import read_manifest
+
+    config = read_manifest(workdir)["config"]
+    return config["seed"] if config else SEED
+
+
 def class_prior(workdir: Workdir) -> np.ndarray:
     counts = read_train(workdir).Category.value_counts().reindex(range(NUM_CLASSES), fill_value=0).to_numpy()
     return counts / counts.sum()
@@ -180,14 +193,12 @@ def predict_test(workdir: Workdir, loaded: LoadedModel, tta: int = TTA_VIEWS, se
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """Which model to load: shared by predict, report and demo."""
-    parser.add_argument("--profile", choices=sorted(PROFILES), default="colab",
-                        help="the profile trained (smoke keeps to <workdir>/smoke)")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--weights", type=Path, help="a best.weights.npz file (default: the last finished stage's)")
     which.add_argument("--stage", type=int, choices=STEPS, metavar="N", help="the best weights of stage N")
     parser.add_argument("--image-size", type=int, help="default: the size that stage trained at")
     parser.add_argument("--tta", type=int, default=TTA_VIEWS, help=f"views per image, 0 for none (default {TTA_VIEWS})")
-    parser.add_argument("--seed", type=int, default=SEED, help="seed of the TTA draws")
+    parser.add_argument("--seed", type=int, help="seed of the TTA draws (default: the run's seed)")
     parser.add_argument("--precision", choices=["auto", "float32", "mixed_float16", "mixed_bfloat16"], default="auto",
                         help="auto: mixed precision on a GPU, float32 on a CPU")
 
@@ -196,6 +207,8 @@ def model_from_args(args: argparse.Namespace) -> tuple[Workdir, LoadedModel]:
     workdir = Workdir.resolve(args.workdir, PROFILES[args.profile])
     if args.tta < 0:
         raise KitError("--tta is a number of views: 0 (none) or more.")
+    if args.seed is None:
+        args.seed = run_seed(workdir)
     return workdir, load_model(weights_path(workdir, args.weights, args.stage), args.image_size, args.precision)
 
 
@@ -221,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for key, why in unreadable.items():
             print(f"  {key}: {why}")
         return 1
-    print("Next: python -m kit.submit --message 'your note'")
+    print(f"Next: {workdir.command('kit.submit', '--message', repr('your note'))}")
     return 0
 
 

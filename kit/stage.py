@@ -4,10 +4,15 @@
     python -m kit.stage --step 5 --resume    # continue an interrupted stage 5 at its next batch
     python -m kit.stage --all                # every stage not yet done, resuming an interrupted one
     python -m kit.stage --status             # what is done, interrupted, or not started
+    python -m kit.stage --copy-run-from DIR  # continue a run saved elsewhere (a Kaggle version's output)
 
 Checkpoints go to <workdir>/weights/stage_N/ every --save-every steps (default: about every ten
-minutes) and at every epoch end. --time-budget stops cleanly with a checkpoint before a Colab or
-Kaggle session limit.
+minutes) and at every epoch end; a hard kill loses at most the batches since the last one.
+What a stage learns (its row with your overrides, --class-weights) is fixed when it starts and
+restored on resume, so a resume needs no flags. --time-budget counts from the session's start
+($KIT_SESSION_START, which the notebooks set) or this process's, and stops with a checkpoint.
+
+Exit codes: 0 done, 3 stopped with a checkpoint (run the same command again), 2 a user error.
 """
 
 from __future__ import annotations
@@ -16,33 +21,35 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-from kit.cli import KitError, add_workdir, main_guard
-from kit.config import PROFILES, SEED, STEPS, VAL_FRACTION, Workdir, override_stage, stage_of
+from kit.cli import EXIT_DONE, EXIT_STOPPED, KitError, add_workdir, main_guard, workdir_lock
+from kit.config import PROFILES, STEPS, Workdir
 from kit.pipeline import DEFAULT_WORKERS
+
+STAGE_OVERRIDES = ("image_size", "batch_size", "lr", "epochs", "steps_per_epoch")
 
 
 def add_training_options(parser: argparse.ArgumentParser) -> None:
     """Flags shared by `kit.stage` and `kit` (the run-everything command)."""
-    parser.add_argument("--profile", choices=sorted(PROFILES), default=None,
-                        help="stage table and model: colab (EfficientNetB6, the recipe; default) "
-                             "or smoke (tiny, minutes on a CPU)")
-    parser.add_argument("--backbone", help="backbone registry name (default: the profile's, efficientnet-b6)")
-    parser.add_argument("--weights", help="stage 1 backbone weights: imagenet, noisy-student, none, or a file")
-    parser.add_argument("--time-budget", type=float, metavar="MINUTES",
-                        help="stop cleanly with a checkpoint before this many minutes have passed")
-    parser.add_argument("--save-every", type=int, metavar="STEPS",
-                        help="checkpoint every STEPS batches (default: ~10 min)")
-    parser.add_argument("--precision", choices=["auto", "float32", "mixed_float16", "mixed_bfloat16"], default="auto",
-                        help="auto: mixed precision on a GPU, float32 on a CPU")
-    parser.add_argument("--jit", action="store_true", help="compile the train step with XLA")
-    parser.add_argument("--deterministic", action="store_true",
-                        help="deterministic ops (bit-exact resume; slower on GPU)")
-    parser.add_argument("--class-weights", action="store_true", help="weight the loss against class imbalance")
-    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="CPU threads for loading and augmenting")
-    parser.add_argument("--cache-dir", type=Path,
-                        help="image cache folder (default: $KIT_CACHE_DIR or <workdir>/cache)")
-    parser.add_argument("--seed", type=int, default=SEED, help=argparse.SUPPRESS)
-    parser.add_argument("--val-fraction", type=float, default=VAL_FRACTION, help=argparse.SUPPRESS)
+    learned = parser.add_argument_group("what the model learns (fixed when the run or the stage starts)")
+    learned.add_argument("--backbone", help="backbone registry name (default: the profile's, efficientnet-b6)")
+    learned.add_argument("--weights", help="stage 1 backbone weights: imagenet, noisy-student, none, or a file")
+    learned.add_argument("--seed", type=int, help="seed of the split, the batch order and the augmentation (42)")
+    learned.add_argument("--val-fraction", type=float, help="share of each class held out for validation (0.2)")
+    learned.add_argument("--class-weights", action=argparse.BooleanOptionalAction, default=None,
+                         help="weight the loss against class imbalance (kept by a stage from its start)")
+    how = parser.add_argument_group("how it runs (may change between sessions)")
+    how.add_argument("--time-budget", type=float, metavar="MINUTES",
+                     help="stop cleanly with a checkpoint before this many minutes have passed since the session "
+                          "started ($KIT_SESSION_START) or, without it, since this command started")
+    how.add_argument("--save-every", type=int, metavar="STEPS",
+                     help="checkpoint every STEPS batches (default: about every 10 minutes)")
+    how.add_argument("--precision", choices=["auto", "float32", "mixed_float16", "mixed_bfloat16"], default="auto",
+                     help="auto: mixed precision on a GPU (bfloat16 where the chip has it), float32 on a CPU")
+    how.add_argument("--jit", action="store_true", help="compile the train step with XLA")
+    how.add_argument("--deterministic", action="store_true",
+                     help="deterministic ops (bit-exact resume; slower on GPU)")
+    how.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="CPU threads for loading and augmenting")
+    how.add_argument("--cache-dir", type=Path, help="image cache folder (default: $KIT_CACHE_DIR or <workdir>/cache)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,11 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--step", type=int, choices=STEPS, metavar="N", help=f"run stage N ({STEPS[0]}-{STEPS[-1]})")
     what.add_argument("--all", action="store_true", help="run every stage not yet done")
     what.add_argument("--status", action="store_true", help="show the stages' state")
+    what.add_argument("--copy-run-from", type=Path, metavar="DIR",
+                      help="copy the run (weights/) of the work directory DIR, read-only, into this one")
     again = parser.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue the stage's interrupted run at its next batch")
-    again.add_argument("--restart", action="store_true", help="discard the stage's run and start it over")
+    again.add_argument("--restart", action="store_true",
+                       help="discard the stage's run, and every later stage's, and start it over")
     add_training_options(parser)
-    table = parser.add_argument_group("stage overrides (default: the profile's stage table)")
+    table = parser.add_argument_group("stage overrides, with --step (default: the profile's stage table)")
     table.add_argument("--image-size", type=int)
     table.add_argument("--batch-size", type=int)
     table.add_argument("--lr", type=float)
@@ -66,50 +76,70 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def options_from(args: argparse.Namespace):
-    from kit.stages import Options
+def requested_from(args: argparse.Namespace):
+    from kit.run import Requested
+
+    overrides = {name: getattr(args, name, None) for name in STAGE_OVERRIDES}
+    return Requested(backbone=args.backbone, weights=args.weights, seed=args.seed, val_fraction=args.val_fraction,
+                     class_weights=args.class_weights, stage_overrides=overrides)
+
+
+def execution_from(args: argparse.Namespace):
+    from kit.run import Budget, Execution
 
     if args.time_budget is not None and args.time_budget <= 0:
         raise KitError("--time-budget is in minutes and must be positive.")
-    return Options(resume=getattr(args, "resume", False), restart=getattr(args, "restart", False),
-                   time_budget_s=args.time_budget * 60 if args.time_budget else None, save_every=args.save_every,
-                   precision=args.precision, jit=args.jit, deterministic=args.deterministic,
-                   class_weights=args.class_weights, workers=max(1, args.workers), cache_dir=args.cache_dir)
+    return Execution(resume=getattr(args, "resume", False), restart=getattr(args, "restart", False),
+                     budget=Budget.minutes(args.time_budget), save_every=args.save_every, precision=args.precision,
+                     jit=args.jit, deterministic=args.deterministic, workers=max(1, args.workers),
+                     cache_dir=args.cache_dir)
 
 
-def profile_and_workdir(args: argparse.Namespace):
-    """The profile (the one already trained in this work directory unless --profile says otherwise)."""
-    from kit.stages import read_manifest
+def plans_for_all(workdir: Workdir, profile, requested) -> list:
+    """Each stage's plan: the saved one where the stage has started, else the table's row."""
+    from kit import run, stages
 
-    profile = PROFILES[args.profile or "colab"]
-    workdir = Workdir.resolve(args.workdir, profile)
-    if args.profile is None:
-        saved = read_manifest(workdir)["config"]
-        if saved and saved["profile"] != profile.name:
-            profile = PROFILES[saved["profile"]]
-    return profile, workdir
+    return [run.stage_plan(stages.saved_plan(workdir, stage.step), profile, stage.step, requested, workdir)
+            for stage in profile.stages]
+
+
+def train(workdir: Workdir, profile, args: argparse.Namespace) -> str:
+    """Run what the flags ask (--step N or --all) under the work directory's lock; 'done' or 'stopped'."""
+    from kit import run, stages
+
+    requested = requested_from(args)
+    with workdir_lock(workdir, "training run"):
+        config = run.run_config(stages.read_manifest(workdir)["config"], profile, requested, workdir)
+        execution = execution_from(args)
+        if getattr(args, "all", True):
+            given = [f"--{k.replace('_', '-')}" for k, v in requested.stage_overrides.items() if v is not None]
+            if given:
+                raise KitError(f"{', '.join(given)} change one stage's row: use them with --step N, not --all.")
+            return stages.run_all(workdir, plans_for_all(workdir, profile, requested), config, execution)
+        if execution.resume and stages.stage_status(workdir, args.step) == "not started":
+            print(f"Stage {args.step} has no interrupted run to resume; starting it.")
+            execution.resume = False
+        saved = None if execution.restart else stages.saved_plan(workdir, args.step)
+        plan = run.stage_plan(saved, profile, args.step, requested, workdir)
+        return stages.run_stage(workdir, plan, config, execution)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from kit import stages
 
-    profile, workdir = profile_and_workdir(args)
+    profile = PROFILES[args.profile]
+    workdir = Workdir.resolve(args.workdir, profile)
     if args.status:
         print(f"{profile.name} profile in {workdir}")
         print(stages.status_table(workdir, profile.stages))
-        return 0
-    config = stages.run_config(workdir, profile, args.backbone, args.weights, args.seed, args.val_fraction)
-    options = options_from(args)
-    if args.all:
-        return 0 if stages.run_all(workdir, profile.stages, config, options) in ("done", "stopped") else 1
-    stage = override_stage(stage_of(profile, args.step), image_size=args.image_size, batch_size=args.batch_size,
-                           lr=args.lr, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch)
-    if options.resume and stages.stage_status(workdir, stage.step) == "not started":
-        print(f"Stage {stage.step} has no interrupted run to resume; starting it.")
-        options.resume = False
-    stages.run_stage(workdir, stage, config, options)
-    return 0
+        return EXIT_DONE
+    if args.copy_run_from:
+        with workdir_lock(workdir, "run copy"):
+            stages.copy_run(Workdir.resolve(args.copy_run_from, profile), workdir)
+        print(stages.status_table(workdir, profile.stages))
+        return EXIT_DONE
+    return EXIT_DONE if train(workdir, profile, args) == "done" else EXIT_STOPPED
 
 
 main = main_guard(main)

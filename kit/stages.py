@@ -4,18 +4,22 @@ A stage trains for its epochs from the previous stage's best weights. Its loop i
 `train_on_batch` loop rather than `model.fit`, because fit can only start an epoch at its first
 batch, and resuming must start at the very next batch. Everything the loop knows (position,
 learning rate, plateau and early-stopping counters, best accuracy, history, running epoch
-metrics) is a JSON document saved with the weights and the optimizer in one atomic checkpoint.
+metrics) is a LoopState saved with the weights and the optimizer in one atomic checkpoint.
+
+Reading order: the manifest (what is done), the loop's state, then `run_stage`, which checks it
+may start, prepares the data and the model, and then alternates training an epoch, validating
+it and saving; `run_all` chains the stages under one time budget.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
+import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import keras
@@ -24,90 +28,55 @@ from tqdm.auto import tqdm
 
 from kit import checkpoint
 from kit.augment import plain_transform, train_transform
-from kit.backbones import build_model, choose_precision, set_trainable
+from kit.backbones import build_model, choose_precision, describe_device, set_trainable
 from kit.cli import KitError
-from kit.config import Head, Profile, Stage, Workdir
+from kit.config import Stage, Workdir
 from kit.dataset import class_weights, drop_unreadable, load_split
-from kit.files import write_text
-from kit.pipeline import DEFAULT_WORKERS, Batches, default_cache_root, open_training_cache
+from kit.files import atomic_path, write_text
+from kit.pipeline import Batches, CacheIncomplete, cache_is_complete, default_cache_root, open_training_cache
 from kit.plots import plot_curves
+from kit.run import Execution, RunConfig, StagePlan
 
 BEST = "best.weights.npz"
 SAVE_INTERVAL_S = 600  # a checkpoint about every 10 minutes of training unless --save-every says otherwise
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """What every stage of one training run must share; fixed when stage 1 starts."""
-
-    profile: str
-    backbone: str
-    weights: str
-    head_units: int
-    head_dropout: float
-    head_bn_momentum: float
-    seed: int
-    val_fraction: float
-
-    @property
-    def head(self) -> Head:
-        return Head(self.head_units, self.head_dropout, self.head_bn_momentum)
-
-
-@dataclass
-class Options:
-    """How to run (not what to learn): may change between sessions without changing the result."""
-
-    resume: bool = False
-    restart: bool = False
-    time_budget_s: float | None = None
-    save_every: int | None = None  # steps; None: about every SAVE_INTERVAL_S seconds
-    precision: str = "auto"
-    jit: bool = False
-    deterministic: bool = False
-    class_weights: bool = False
-    workers: int = DEFAULT_WORKERS
-    cache_dir: Path | None = None
 
 
 # ---- the manifest: weights/state.json ---------------------------------------------------------
 
 def read_manifest(workdir: Workdir) -> dict:
     try:
-        return json.loads(workdir.manifest.read_text())
+        manifest = json.loads(workdir.manifest.read_text())
     except FileNotFoundError:
-        return {"config": None, "stages": {}}
+        manifest = {}
     except ValueError as error:
         raise KitError(f"{workdir.manifest} is damaged ({error}). The checkpoints next to it are intact: delete "
                        "the file only if you also mean to start the stages over.") from None
+    return {"config": None, "stages": {}, "costs": {}, **manifest}
 
 
 def write_manifest(workdir: Workdir, manifest: dict) -> None:
     write_text(workdir.manifest, json.dumps(manifest, indent=2))
 
 
-def update_stage_record(workdir: Workdir, step: int, **fields) -> None:
+def update_stage_record(workdir: Workdir, step: int, costs: dict | None = None, **fields) -> None:
     manifest = read_manifest(workdir)
     manifest["stages"].setdefault(str(step), {}).update(fields)
+    if costs is not None:
+        manifest["costs"] = costs
     write_manifest(workdir, manifest)
 
 
-def run_config(workdir: Workdir, profile: Profile, backbone: str | None, weights: str | None, seed: int,
-               val_fraction: float) -> RunConfig:
-    """The run's config: the manifest's once stage 1 has started, refusing contradicting flags."""
-    wanted = RunConfig(profile.name, backbone or profile.backbone, weights or profile.weights,
-                       profile.head.units, profile.head.dropout, profile.head.bn_momentum, seed, val_fraction)
-    saved = read_manifest(workdir)["config"]
-    if saved is None:
-        return wanted
-    config = RunConfig(**saved)
-    clashes = [f"--{name} {value}" for name, value in (("backbone", backbone), ("profile", profile.name))
-               if value is not None and value != getattr(config, name)]
-    if clashes:
-        raise KitError(f"The stages in {workdir.weights} were trained with profile {config.profile} and backbone "
-                       f"{config.backbone}; {', '.join(clashes)} would mix two models. Use another --workdir for a "
-                       "new run, or drop the flag.")
-    return config
+def saved_plan(workdir: Workdir, step: int) -> dict | None:
+    """The plan an interrupted stage started with (None when it is done or not started)."""
+    record = read_manifest(workdir)["stages"].get(str(step), {})
+    if stage_status(workdir, step) != "interrupted":
+        return None
+    if "plan" in record:
+        return record["plan"]
+    if "settings" in record:  # a run started before plans were saved: its row is all there is
+        return {"stage": record["settings"], "class_weights": False}
+    newest = checkpoint.newest_readable(workdir.stage_dir(step))
+    return {"stage": newest[2]["stage"], "class_weights": False} if newest else None
 
 
 def best_weights(workdir: Workdir, step: int) -> Path:
@@ -115,48 +84,133 @@ def best_weights(workdir: Workdir, step: int) -> Path:
 
 
 def stage_status(workdir: Workdir, step: int) -> str:
-    """'done', 'interrupted' or 'not started'."""
+    """'done', 'interrupted' (also when killed before its first checkpoint) or 'not started'."""
     record = read_manifest(workdir)["stages"].get(str(step), {})
     if record.get("status") == "done" and best_weights(workdir, step).is_file():
         return "done"
-    if checkpoint.list_checkpoints(workdir.stage_dir(step)):
+    if record.get("status") in ("running", "interrupted") or checkpoint.list_checkpoints(workdir.stage_dir(step)):
         return "interrupted"
     return "not started"
 
 
 # ---- the loop's state ---------------------------------------------------------------------------
 
-def fresh_state(stage: Stage, config: RunConfig) -> dict:
-    return {
-        "stage": dataclasses.asdict(stage),
-        "config": dataclasses.asdict(config),
-        "epoch": 0, "step": 0,  # the next batch to train: the data order is a function of (seed, stage, epoch)
-        "lr": stage.lr,
-        "plateau": {"best": -1.0, "wait": 0},
-        "early": {"best": -1.0, "wait": 0},
-        "best_val_accuracy": -1.0, "best_epoch": None,
-        "sums": {"loss": 0.0, "correct": 0.0, "seen": 0},  # this epoch's running training metrics
-        "history": [],
-        "wall_time_s": 0.0,
-        "stopped_early": False,
-    }
+@dataclass
+class LoopState:
+    """Everything the loop knows, saved in every checkpoint; `epoch` and `step` name the next batch."""
+
+    plan: dict
+    config: dict
+    epoch: int = 0
+    step: int = 0
+    lr: float = 0.0
+    plateau: dict = field(default_factory=lambda: {"best": -1.0, "wait": 0})
+    early: dict = field(default_factory=lambda: {"best": -1.0, "wait": 0})
+    best_val_accuracy: float = -1.0
+    best_epoch: int | None = None
+    sums: dict = field(default_factory=lambda: {"loss": 0.0, "correct": 0.0, "seen": 0})  # this epoch so far
+    history: list = field(default_factory=list)
+    wall_time_s: float = 0.0
+    stopped_early: bool = False
+    runtime: dict = field(default_factory=dict)  # the precision and device of the session that saved it
+
+    @property
+    def stage(self) -> Stage:
+        return Stage(**self.plan["stage"])
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> "LoopState":
+        if "plan" not in saved:  # format 1 kept the stage row alone
+            saved = {**saved, "plan": {"stage": saved["stage"], "class_weights": False}}
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in saved.items() if k in names})
 
 
-def after_epoch(state: dict, stage: Stage, val_accuracy: float) -> bool:
+def after_epoch(state: LoopState, stage: Stage, val_accuracy: float) -> bool:
     """ReduceLROnPlateau and EarlyStopping on validation accuracy, as in the recipe; True: stop."""
-    plateau, early = state["plateau"], state["early"]
+    plateau, early = state.plateau, state.early
     if val_accuracy > plateau["best"] + 1e-4:
         plateau.update(best=val_accuracy, wait=0)
     else:
         plateau["wait"] += 1
         if plateau["wait"] >= stage.plateau_patience:
-            state["lr"] = max(state["lr"] * stage.plateau_factor, stage.min_lr)
+            state.lr = max(state.lr * stage.plateau_factor, stage.min_lr)
             plateau["wait"] = 0
     if val_accuracy > early["best"]:
         early.update(best=val_accuracy, wait=0)
     else:
         early["wait"] += 1
     return early["wait"] >= stage.early_stop_patience
+
+
+# ---- what each phase costs, learned across sessions -----------------------------------------------
+
+class Timer:
+    """Wall time across sessions, and what the next setup, step, validation and save will cost.
+
+    Costs are kept in the manifest by image size, so a new session (and `run_all`, before it
+    starts a stage) knows them before it has measured anything: the budget is honest from the
+    first batch, and a stage is not started when its set-up and first checkpoint do not fit.
+    """
+
+    def __init__(self, costs: dict, stage: Stage, budget_deadline: float):
+        self.costs, self.size, self.batch = costs, str(stage.image_size), stage.batch_size
+        self.deadline = budget_deadline
+        self.mark = self.last_save = time.monotonic()
+        known = costs.get("by_size", {}).get(self.size, {})
+        self.cost = {"setup": known.get("setup", 0.0), "validation": known.get("validation", 0.0),
+                     "save": costs.get("save", 5.0), "step": known.get("step_per_image", 0.0) * self.batch}
+
+    def note(self, what: str, seconds: float) -> None:
+        # Steps are many and alike: a running mean. The rest are rare: keep the recent worst, so the
+        # budget check errs on the side of stopping in time.
+        if what == "step":
+            self.cost[what] = seconds if not self.cost[what] else 0.9 * self.cost[what] + 0.1 * seconds
+        else:
+            self.cost[what] = max(seconds, 0.8 * self.cost[what])
+        by_size = self.costs.setdefault("by_size", {}).setdefault(self.size, {})
+        if what == "save":
+            self.costs["save"] = self.cost["save"]
+        elif what == "step":
+            by_size["step_per_image"] = self.cost["step"] / self.batch
+        else:
+            by_size[what] = self.cost[what]
+
+    def would_pass(self, what: str) -> bool:
+        """Would doing `what` and then saving overrun the deadline?"""
+        return time.time() + self.cost[what] + 2 * self.cost["save"] > self.deadline
+
+    def save_due(self, every: int | None, step: int) -> bool:
+        return step % every == 0 if every else time.monotonic() - self.last_save > SAVE_INTERVAL_S
+
+    def commit(self, state: LoopState) -> None:
+        now = time.monotonic()
+        state.wall_time_s += now - self.mark
+        self.mark = now
+
+
+def start_cost(workdir: Workdir, stage: Stage, costs: dict, images: int, execution: Execution) -> float:
+    """Seconds stage `stage` needs, by what earlier sessions measured, to set up and save its first checkpoint.
+
+    0 for what was never measured: the first stage of a run always starts.
+    """
+    by_size = costs.get("by_size", {})
+    known = by_size.get(str(stage.image_size))
+    if known is None and by_size:  # a new size: scale the largest known one by the pixels
+        size = max(by_size, key=int)
+        ratio = (stage.image_size / int(size)) ** 2
+        known = {k: v * ratio for k, v in by_size[size].items()}
+    known = known or {}
+    cache_root = execution.cache_dir or default_cache_root(workdir.cache)
+    cache = 0.0 if cache_is_complete(cache_root, "train", stage.image_size) else images * costs.get("cache_image_s", 0)
+    step = known.get("step_per_image", 0.0) * stage.batch_size
+    steps_per_epoch = stage.steps_per_epoch or images // stage.batch_size
+    epoch = steps_per_epoch * step + known.get("validation", 0.0)
+    first = execution.save_every * step if execution.save_every else min(SAVE_INTERVAL_S, epoch)
+    return cache + known.get("setup", 0.0) + first + costs.get("save", 0.0)
 
 
 # ---- one stage ----------------------------------------------------------------------------------
@@ -183,147 +237,205 @@ class _StopRequests:
             signal.signal(s, handler)
 
 
-def run_stage(workdir: Workdir, stage: Stage, config: RunConfig, options: Options) -> str:
-    """Train one stage to its end or until stopped; return 'done' or 'stopped' (checkpoint saved)."""
-    started = time.monotonic()
-    deadline = started + options.time_budget_s if options.time_budget_s else math.inf
-    folder = workdir.stage_dir(stage.step)
+@dataclass
+class StageData:
+    train: Batches
+    val: Batches
+    class_weight: dict[int, float] | None
+    train_images: int
+    val_images: int
+
+
+def run_stage(workdir: Workdir, plan: StagePlan, config: RunConfig, execution: Execution) -> str:
+    """Train one stage to its end or until stopped; return 'done' or 'stopped' (progress saved)."""
+    stage = plan.stage
+    previous = check_can_start(workdir, plan, execution)
+    if previous is None:
+        update_stage_record(workdir, stage.step, status="running", plan=plan.to_dict(), position=None,
+                            started_at=time.strftime("%Y-%m-%d %H:%M:%S"))
+        _write_config_once(workdir, config)
+    costs = read_manifest(workdir)["costs"]
+    timer = Timer(costs, stage, execution.budget.deadline)
+    with _StopRequests() as stop_requests:
+        try:
+            data = prepare_data(workdir, plan, config, execution, costs)
+        except CacheIncomplete as why:
+            update_stage_record(workdir, stage.step, costs=costs)
+            return _stopped(workdir, stage.step, str(why))
+        if timer.would_pass("setup") or stop_requests.requested:
+            return _stopped(workdir, stage.step, "the time budget: the model's set-up would not fit")
+        setup_started = time.monotonic()
+        model, state = prepare_model(workdir, plan, config, execution, previous, data)
+        print(f"Stage {stage.step}: {config.backbone} at {stage.image_size} px, batch {stage.batch_size}, "
+              f"lr {state.lr:.2g}, {stage.describe_trainable()}, {state.runtime['precision']} on "
+              f"{state.runtime['device']}{', class-weighted loss' if plan.class_weights else ''}, "
+              f"{data.train_images} training / {data.val_images} validation images, {len(data.train)} steps per "
+              "epoch", flush=True)
+
+        while state.epoch < stage.epochs and not state.stopped_early:
+            finished = train_epoch(model, data, state, timer, stop_requests, execution, workdir, setup_started)
+            setup_started = None
+            if not finished or timer.would_pass("validation"):
+                why = "a stop request" if stop_requests.requested else "the time budget"
+                save_checkpoint(workdir, model, state, timer)
+                return _stopped(workdir, stage.step, why, state)
+            validate_epoch(workdir, model, data, state, timer)
+            save_checkpoint(workdir, model, state, timer)
+    return finish_stage(workdir, state, timer)
+
+
+def check_can_start(workdir: Workdir, plan: StagePlan, execution: Execution):
+    """Refuse what would lose or mix work; return the checkpoint to resume from (None: from the start)."""
+    step, folder = plan.stage.step, workdir.stage_dir(plan.stage.step)
     for leftover in folder.glob(".*.tmp"):  # half-written files of a killed run; the renamed ones are intact
         leftover.unlink()
-    previous = checkpoint.newest_readable(folder)
-    if previous and not (options.resume or options.restart):
-        _, _, state = previous
-        raise KitError(f"Stage {stage.step} was interrupted at epoch {state['epoch'] + 1}, step {state['step']}. "
-                       f"Run 'python -m kit.stage --step {stage.step} --resume' to continue from there, or "
-                       f"--restart to discard that run and start stage {stage.step} over.")
-    if options.restart:
-        _discard(workdir, stage.step)
-        previous = None
-    elif stage_status(workdir, stage.step) == "done":
-        record = read_manifest(workdir)["stages"][str(stage.step)]
-        raise KitError(f"Stage {stage.step} is already done (best val_acc {record.get('best_val_accuracy', 0):.4f}). "
-                       f"Run the next stage, or --restart to train stage {stage.step} again from stage "
-                       f"{stage.step - 1}'s weights (later stages would then be marked not done).")
-    if previous:
-        saved_stage = Stage(**previous[2]["stage"])
-        if saved_stage != stage:
-            changed = [f.name for f in dataclasses.fields(Stage)
-                       if getattr(saved_stage, f.name) != getattr(stage, f.name)]
-            raise KitError(f"Stage {stage.step} was started with other settings ({', '.join(changed)}); a resumed run "
-                           f"must keep them. Drop those flags to resume, or use --restart to start over with them.")
-    elif stage.step > 1 and (before := stage_status(workdir, stage.step - 1)) != "done":
-        raise KitError(f"Stage {stage.step} starts from stage {stage.step - 1}'s best weights, but stage "
-                       f"{stage.step - 1} is {before}. Run 'python -m kit.stage --step "
-                       f"{stage.step - 1}{' --resume' if before == 'interrupted' else ''}' first (or --all).")
+    status = stage_status(workdir, step)
+    if execution.restart:
+        _discard(workdir, step)
+        status = "not started"
+    if status == "done":
+        record = read_manifest(workdir)["stages"][str(step)]
+        raise KitError(f"Stage {step} is already done (best val_acc {record.get('best_val_accuracy', 0):.4f}). Run "
+                       f"the next stage, or '{workdir.command('kit.stage', '--step', str(step), '--restart')}' to "
+                       f"train it again from stage {step - 1}'s weights (later stages are then discarded).")
+    previous = checkpoint.newest_readable(folder) if status == "interrupted" else None
+    if status == "interrupted" and not execution.resume:
+        where = (f"at epoch {previous[2]['epoch'] + 1}, step {previous[2]['step']}" if previous
+                 else "before its first checkpoint")
+        raise KitError(f"Stage {step} was interrupted {where}. Run "
+                       f"'{workdir.command('kit.stage', '--step', str(step), '--resume')}' to continue, or --restart "
+                       f"to discard that run and start stage {step} over.")
+    if status == "not started" and step > 1 and (before := stage_status(workdir, step - 1)) != "done":
+        resume = ["--resume"] if before == "interrupted" else []
+        raise KitError(f"Stage {step} starts from stage {step - 1}'s best weights, but stage {step - 1} is {before}. "
+                       f"Run '{workdir.command('kit.stage', '--step', str(step - 1), *resume)}' first (or --all).")
+    return previous
 
-    # Data: the saved split, the image cache at this stage's size, seeded batches.
+
+def prepare_data(workdir: Workdir, plan: StagePlan, config: RunConfig, execution: Execution,
+                 costs: dict) -> StageData:
+    """The saved split, the image cache at this stage's size (built within the budget), seeded batches."""
+    stage = plan.stage
     split = load_split(workdir, config.val_fraction, config.seed)
-    cache, positions = open_training_cache(options.cache_dir or default_cache_root(workdir.cache), split,
-                                           stage.image_size, options.workers)
+    cache_root = execution.cache_dir or default_cache_root(workdir.cache)
+    images = len(split.train) + len(split.val)
+    started = time.time()
+    was_complete = cache_is_complete(cache_root, "train", stage.image_size)
+    cache, positions = open_training_cache(cache_root, split, stage.image_size, execution.workers,
+                                           deadline=execution.budget.deadline)
+    if not was_complete:
+        costs["cache_image_s"] = max(costs.get("cache_image_s", 0.0), (time.time() - started) / images)
     train = drop_unreadable(split.train, cache.unreadable, "training")
     val = drop_unreadable(split.val, cache.unreadable, "validation")
     train_batches = Batches(cache, train.Category.to_numpy(), stage.batch_size,
                             lambda: train_transform(stage.image_size, stage.light_augment), config.seed, stage.step,
-                            shuffle=True, workers=options.workers, steps=stage.steps_per_epoch,
+                            shuffle=True, workers=execution.workers, steps=stage.steps_per_epoch,
                             positions=train.path.map(positions).to_numpy())
     val_batches = Batches(cache, val.Category.to_numpy(), stage.batch_size * 2,
                           lambda: plain_transform(stage.image_size), config.seed, stage.step, shuffle=False,
-                          workers=options.workers, positions=val.path.map(positions).to_numpy())
+                          workers=execution.workers, positions=val.path.map(positions).to_numpy())
     if len(train_batches) == 0:
         raise KitError(f"Stage {stage.step} has {len(train)} training images, fewer than one batch of "
-                       f"{stage.batch_size}: lower --batch-size or add data.")
-    weights_by_class = class_weights(train.Category.to_numpy()) if options.class_weights else None
+                       f"{stage.batch_size}: lower --batch-size (with --restart) or add data.")
+    weights = class_weights(train.Category.to_numpy()) if plan.class_weights else None
+    return StageData(train_batches, val_batches, weights, len(train), len(val))
 
-    # Model: built at this stage's size, unfrozen as the table says.
+
+def prepare_model(workdir: Workdir, plan: StagePlan, config: RunConfig, execution: Execution, previous,
+                  data: StageData) -> tuple[keras.Model, LoopState]:
+    """The model at this stage's size, unfrozen as its row says, with the checkpoint's or the last stage's weights."""
+    stage = plan.stage
     keras.backend.clear_session()  # a fresh graph per stage when --all runs several in one process
     keras.utils.set_random_seed(config.seed + stage.step)
-    if options.deterministic and keras.backend.backend() == "tensorflow":
+    if execution.deterministic and keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
         tf.config.experimental.enable_op_determinism()
-    precision = choose_precision(options.precision)
+    precision = choose_precision(execution.precision)
     keras.mixed_precision.set_global_policy(precision)
     model = build_model(config.backbone, stage.image_size, config.weights if stage.step == 1 else "none", config.head)
-    unfrozen = set_trainable(model, stage.trainable)
+    set_trainable(model, stage.trainable)
     model.compile(optimizer=keras.optimizers.Adam(stage.lr), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"], jit_compile=options.jit)
+                  metrics=["accuracy"], jit_compile=execution.jit)
     model.optimizer.build(model.trainable_variables)
+    runtime = {"precision": precision, "device": describe_device()}
 
-    if previous:
-        path, arrays, state = previous
-        checkpoint.restore(path, arrays, model, model.optimizer)
-        print(f"Stage {stage.step}: resuming from {path.name} at epoch {state['epoch'] + 1}, step {state['step']}")
-    else:
-        state = fresh_state(stage, config)
-        if stage.step > 1:
-            checkpoint.load_weights(best_weights(workdir, stage.step - 1), model)
-        _write_config_once(workdir, config)
-    model.optimizer.learning_rate.assign(state["lr"])
-    print(f"Stage {stage.step}: {config.backbone} at {stage.image_size} px, batch {stage.batch_size}, "
-          f"lr {state['lr']:.2g}, {stage.describe_trainable()} ({unfrozen} backbone blocks unfrozen), {precision}, "
-          f"{len(train)} training / {len(val)} validation images, {len(train_batches)} steps per epoch")
-    update_stage_record(workdir, stage.step, status="running", settings=dataclasses.asdict(stage))
+    try:
+        if previous:
+            path, arrays, saved = previous
+            state = LoopState.from_dict(saved)
+            checkpoint.assign_model(model, arrays, path)
+            notes = checkpoint.assign_optimizer(model.optimizer, arrays, path)
+            print(f"Stage {stage.step}: resuming from {path.name} at epoch {state.epoch + 1}, step {state.step}")
+            if state.runtime and state.runtime != runtime:
+                print(f"note: this stage ran under {state.runtime['precision']} on {state.runtime['device']} and "
+                      f"continues under {precision} on {runtime['device']}; Adam's state is kept"
+                      + "".join(f", {n}" for n in notes) + ". Training continues correctly but not bit for bit.")
+        else:
+            state = LoopState(plan=plan.to_dict(), config=dataclasses.asdict(config), lr=stage.lr)
+            if stage.step > 1:
+                checkpoint.load_weights(best_weights(workdir, stage.step - 1), model)
+    except checkpoint.IncompatibleCheckpoint as error:
+        raise KitError(str(error)) from None
+    _take_best_on_disk(workdir, state)
+    state.runtime = runtime
+    model.optimizer.learning_rate.assign(state.lr)
+    return model, state
 
-    timer = _Timer(state)
-    with _StopRequests() as stop_requests:
-        while state["epoch"] < stage.epochs and not state["stopped_early"]:
-            epoch = state["epoch"]
-            bar = tqdm(total=len(train_batches), initial=state["step"], desc=f"stage {stage.step} epoch {epoch + 1}/"
-                       f"{stage.epochs}", disable=not sys.stderr.isatty(), leave=False, mininterval=0.5)
-            for x, y in train_batches.epoch(epoch, start=state["step"]):
-                if stop_requests.requested or timer.would_pass(deadline, "step"):
-                    bar.close()
-                    return _stop(workdir, folder, model, state, timer, "the time budget" if not stop_requests.requested
-                                 else "a stop request")
-                step_started = time.monotonic()
-                loss, accuracy = model.train_on_batch(x, y, class_weight=weights_by_class)
+
+def train_epoch(model: keras.Model, data: StageData, state: LoopState, timer: Timer, stop_requests: _StopRequests,
+                execution: Execution, workdir: Workdir, setup_started: float | None) -> bool:
+    """Train from the state's position to the epoch's end; False when stopped first (budget or signal)."""
+    stage = state.stage
+    bar = tqdm(total=len(data.train), initial=state.step, desc=f"stage {stage.step} epoch {state.epoch + 1}/"
+               f"{stage.epochs}", disable=not sys.stderr.isatty(), leave=False, mininterval=0.5)
+    try:
+        for x, y in data.train.epoch(state.epoch, start=state.step):
+            if stop_requests.requested or timer.would_pass("step"):
+                return False
+            step_started = time.monotonic()
+            # Per-batch figures whatever the Keras version does with its running metrics.
+            model.reset_metrics()
+            loss, accuracy = model.train_on_batch(x, y, class_weight=data.class_weight)
+            if setup_started is not None:  # the first step of a session compiles: part of the set-up
+                timer.note("setup", time.monotonic() - setup_started)
+                setup_started = None
+            else:
                 timer.note("step", time.monotonic() - step_started)
-                state["sums"]["loss"] += float(loss) * len(y)
-                state["sums"]["correct"] += float(accuracy) * len(y)
-                state["sums"]["seen"] += len(y)
-                state["step"] += 1
-                bar.update()
-                bar.set_postfix(loss=f"{state['sums']['loss'] / state['sums']['seen']:.3f}",
-                                acc=f"{state['sums']['correct'] / state['sums']['seen']:.3f}", refresh=False)
-                if timer.save_due(options.save_every, state["step"]) and state["step"] < len(train_batches):
-                    _save_checkpoint(workdir, folder, model, state, timer)
-            bar.close()
+            state.sums["loss"] += float(loss) * len(y)
+            state.sums["correct"] += float(accuracy) * len(y)
+            state.sums["seen"] += len(y)
+            state.step += 1
+            bar.update()
+            bar.set_postfix(loss=f"{state.sums['loss'] / state.sums['seen']:.3f}",
+                            acc=f"{state.sums['correct'] / state.sums['seen']:.3f}", refresh=False)
+            if timer.save_due(execution.save_every, state.step) and state.step < len(data.train):
+                save_checkpoint(workdir, model, state, timer)
+    finally:
+        bar.close()
+    return True
 
-            if timer.would_pass(deadline, "validation"):
-                return _stop(workdir, folder, model, state, timer, "the time budget")
-            val_started = time.monotonic()
-            val_loss, val_accuracy = evaluate(model, val_batches)
-            timer.note("validation", time.monotonic() - val_started)
-            sums = state["sums"]
-            row = {"epoch": epoch + 1, "loss": sums["loss"] / max(sums["seen"], 1),
-                   "accuracy": sums["correct"] / max(sums["seen"], 1), "val_loss": val_loss,
-                   "val_accuracy": val_accuracy, "lr": state["lr"]}
-            state["history"].append(row)
-            if val_accuracy > state["best_val_accuracy"]:
-                # Best weights are written before the checkpoint that records them, never replaced by worse ones.
-                checkpoint.save(folder / BEST, model, {"val_accuracy": val_accuracy, "epoch": epoch + 1,
-                                                       "stage": stage.step, "image_size": stage.image_size,
-                                                       "config": state["config"]})
-                state["best_val_accuracy"], state["best_epoch"] = val_accuracy, epoch + 1
-            state["stopped_early"] = after_epoch(state, stage, val_accuracy)
-            model.optimizer.learning_rate.assign(state["lr"])
-            state.update(epoch=epoch + 1, step=0, sums={"loss": 0.0, "correct": 0.0, "seen": 0})
-            print(f"stage {stage.step} epoch {epoch + 1}/{stage.epochs}: loss {row['loss']:.4f}"
-                  f" acc {row['accuracy']:.4f} val_loss {val_loss:.4f} val_acc {val_accuracy:.4f} lr {row['lr']:.2g}"
-                  f"{' (best)' if state['best_epoch'] == epoch + 1 else ''}", flush=True)
-            _write_log(folder, stage.step, state["history"])
-            _save_checkpoint(workdir, folder, model, state, timer)
-    if state["stopped_early"]:
-        print(f"Stage {stage.step}: early stop, no improvement for {stage.early_stop_patience} epochs")
-    timer.commit()
-    update_stage_record(workdir, stage.step, status="done", best_val_accuracy=state["best_val_accuracy"],
-                        best_epoch=state["best_epoch"], epochs=len(state["history"]), wall_time_s=state["wall_time_s"],
-                        position=None, finished_at=time.strftime("%Y-%m-%d %H:%M:%S"))
-    for old in checkpoint.list_checkpoints(folder):  # the stage is done: its best weights are what matters
-        old.unlink()
-    print(f"Stage {stage.step} done: best val_acc {state['best_val_accuracy']:.4f} (epoch {state['best_epoch']}), "
-          f"weights in {folder / BEST}")
-    return "done"
+
+def validate_epoch(workdir: Workdir, model: keras.Model, data: StageData, state: LoopState, timer: Timer) -> None:
+    """Score the epoch, keep the best weights, apply the plateau and early-stopping rules, move to the next epoch."""
+    stage, epoch = state.stage, state.epoch
+    started = time.monotonic()
+    val_loss, val_accuracy = evaluate(model, data.val)
+    timer.note("validation", time.monotonic() - started)
+    sums = state.sums
+    row = {"epoch": epoch + 1, "loss": sums["loss"] / max(sums["seen"], 1),
+           "accuracy": sums["correct"] / max(sums["seen"], 1), "val_loss": val_loss,
+           "val_accuracy": val_accuracy, "lr": state.lr}
+    state.history.append(row)
+    if val_accuracy > state.best_val_accuracy:
+        _save_best(workdir, model, state, val_accuracy)
+    state.stopped_early = after_epoch(state, stage, val_accuracy)
+    model.optimizer.learning_rate.assign(state.lr)
+    state.epoch, state.step, state.sums = epoch + 1, 0, {"loss": 0.0, "correct": 0.0, "seen": 0}
+    print(f"stage {stage.step} epoch {epoch + 1}/{stage.epochs}: loss {row['loss']:.4f}"
+          f" acc {row['accuracy']:.4f} val_loss {val_loss:.4f} val_acc {val_accuracy:.4f} lr {row['lr']:.2g}"
+          f"{' (best)' if state.best_epoch == epoch + 1 else ''}", flush=True)
+    _write_log(workdir.stage_dir(stage.step), stage.step, state.history)
 
 
 def evaluate(model: keras.Model, batches: Batches) -> tuple[float, float]:
@@ -337,54 +449,65 @@ def evaluate(model: keras.Model, batches: Batches) -> tuple[float, float]:
     return total_loss / max(seen, 1), correct / max(seen, 1)
 
 
-class _Timer:
-    """Wall time across sessions and running estimates of what the next step, validation and save cost."""
+def _save_best(workdir: Workdir, model: keras.Model, state: LoopState, val_accuracy: float) -> None:
+    """Replace the best file only with a strictly better epoch than the one it holds.
 
-    def __init__(self, state: dict):
-        self.state = state
-        self.mark = self.last_save = time.monotonic()
-        self.cost = {"step": 0.0, "validation": 0.0, "save": 5.0}
-
-    def note(self, what: str, seconds: float) -> None:
-        # Steps are many and alike: a running mean. Validation and saving are rare: keep the recent worst,
-        # so the budget check errs on the side of stopping in time.
-        if what == "step":
-            self.cost[what] = 0.9 * self.cost[what] + 0.1 * seconds
-        else:
-            self.cost[what] = max(seconds, 0.8 * self.cost[what])
-
-    def would_pass(self, deadline: float, what: str) -> bool:
-        """Would doing `what` and then saving overrun the deadline?"""
-        return time.monotonic() + self.cost[what] + 2 * self.cost["save"] > deadline
-
-    def save_due(self, every: int | None, step: int) -> bool:
-        return step % every == 0 if every else time.monotonic() - self.last_save > SAVE_INTERVAL_S
-
-    def commit(self) -> None:
-        now = time.monotonic()
-        self.state["wall_time_s"] += now - self.mark
-        self.mark = now
+    The file is written before the checkpoint that records it, so a kill in between replays the
+    epoch; on a GPU the replay can score lower, and then the file must keep the better weights.
+    """
+    state.best_val_accuracy, state.best_epoch = val_accuracy, state.epoch + 1
+    path = best_weights(workdir, state.stage.step)
+    on_disk = checkpoint.read_state(path) or {}
+    if val_accuracy > on_disk.get("val_accuracy", -1.0):
+        checkpoint.save(path, model, {"val_accuracy": val_accuracy, "epoch": state.epoch + 1,
+                                      "stage": state.stage.step, "image_size": state.stage.image_size,
+                                      "config": state.config})
+    _take_best_on_disk(workdir, state)
 
 
-def _save_checkpoint(workdir: Workdir, folder: Path, model: keras.Model, state: dict, timer: _Timer) -> None:
+def _take_best_on_disk(workdir: Workdir, state: LoopState) -> None:
+    """The state's best is the best file's when the file holds better (written, then the checkpoint lost)."""
+    on_disk = checkpoint.read_state(best_weights(workdir, state.stage.step)) or {}
+    if on_disk.get("val_accuracy", -1.0) > state.best_val_accuracy:
+        state.best_val_accuracy, state.best_epoch = on_disk["val_accuracy"], on_disk["epoch"]
+
+
+def save_checkpoint(workdir: Workdir, model: keras.Model, state: LoopState, timer: Timer) -> None:
     started = time.monotonic()
-    timer.commit()
-    checkpoint.save(folder / checkpoint.checkpoint_name(state["epoch"], state["step"]), model, state, model.optimizer)
+    timer.commit(state)
+    folder = workdir.stage_dir(state.stage.step)
+    checkpoint.save(folder / checkpoint.checkpoint_name(state.epoch, state.step), model, state.to_dict(),
+                    model.optimizer)
     checkpoint.prune(folder)
-    step = state["stage"]["step"]
-    update_stage_record(workdir, step, status="interrupted", position={"epoch": state["epoch"], "step": state["step"]},
-                        best_val_accuracy=state["best_val_accuracy"], epochs=len(state["history"]),
-                        wall_time_s=state["wall_time_s"])
     timer.last_save = time.monotonic()
     timer.note("save", timer.last_save - started)
+    update_stage_record(workdir, state.stage.step, costs=timer.costs, status="interrupted",
+                        position={"epoch": state.epoch, "step": state.step},
+                        best_val_accuracy=state.best_val_accuracy, epochs=len(state.history),
+                        wall_time_s=state.wall_time_s)
 
 
-def _stop(workdir: Workdir, folder: Path, model: keras.Model, state: dict, timer: _Timer, why: str) -> str:
-    _save_checkpoint(workdir, folder, model, state, timer)
-    step = state["stage"]["step"]
-    print(f"Stage {step}: stopped for {why} at epoch {state['epoch'] + 1}, step {state['step']}, with a checkpoint. "
-          f"Continue with 'python -m kit.stage --step {step} --resume' (or --all).")
+def _stopped(workdir: Workdir, step: int, why: str, state: LoopState | None = None) -> str:
+    where = f" at epoch {state.epoch + 1}, step {state.step}, with a checkpoint" if state else ""
+    print(f"Stage {step}: stopped for {why}{where}. Continue with "
+          f"'{workdir.command('kit.stage', '--step', str(step), '--resume')}' (or --all).")
     return "stopped"
+
+
+def finish_stage(workdir: Workdir, state: LoopState, timer: Timer) -> str:
+    stage, folder = state.stage, workdir.stage_dir(state.stage.step)
+    if state.stopped_early:
+        print(f"Stage {stage.step}: early stop, no improvement for {stage.early_stop_patience} epochs")
+    timer.commit(state)
+    update_stage_record(workdir, stage.step, costs=timer.costs, status="done",
+                        best_val_accuracy=state.best_val_accuracy, best_epoch=state.best_epoch,
+                        epochs=len(state.history), wall_time_s=state.wall_time_s, position=None,
+                        finished_at=time.strftime("%Y-%m-%d %H:%M:%S"))
+    for old in checkpoint.list_checkpoints(folder):  # the stage is done: its best weights are what matters
+        old.unlink()
+    print(f"Stage {stage.step} done: best val_acc {state.best_val_accuracy:.4f} (epoch {state.best_epoch}), "
+          f"weights in {folder / BEST}")
+    return "done"
 
 
 def _write_log(folder: Path, step: int, history: list[dict]) -> None:
@@ -403,36 +526,66 @@ def _write_config_once(workdir: Workdir, config: RunConfig) -> None:
 
 
 def _discard(workdir: Workdir, step: int) -> None:
-    """--restart: drop stage `step`'s run; later stages, trained from it, are marked not done."""
-    folder = workdir.stage_dir(step)
-    for old in checkpoint.list_checkpoints(folder):
-        old.unlink()
-    (folder / BEST).unlink(missing_ok=True)
+    """--restart: drop stage `step`'s run and every later stage's (done or interrupted), all trained from it."""
     manifest = read_manifest(workdir)
-    later = [s for s, r in manifest["stages"].items() if int(s) > step and r.get("status") == "done"]
+    later = sorted({int(s) for s in manifest["stages"] if int(s) > step} |
+                   {int(p.name.split("_")[1]) for p in workdir.weights.glob("stage_*")
+                    if p.name.split("_")[1].isdigit() and int(p.name.split("_")[1]) > step})
+    for s in [step, *later]:
+        folder = workdir.stage_dir(s)
+        for old in [*checkpoint.list_checkpoints(folder), folder / BEST, folder / "log.csv", folder / "curves.png"]:
+            old.unlink(missing_ok=True)
+        manifest["stages"].pop(str(s), None)
     if later:
-        print(f"note: stages {', '.join(later)} were trained from the old stage {step} and are marked not done")
-    for s in [str(step), *later]:
-        manifest["stages"].pop(s, None)
+        print(f"note: stages {', '.join(map(str, later))} were trained from the old stage {step}; discarded too")
     write_manifest(workdir, manifest)
+
+
+def copy_run(source: Workdir, target: Workdir) -> None:
+    """Continue a run saved elsewhere: copy its weights/ (manifest, split, every stage's files) into `target`.
+
+    On Kaggle a new session sees the previous version's output read-only under /kaggle/input; the
+    run must be copied into /kaggle/working to continue. Nothing is copied into a work directory
+    that holds a run already (a notebook re-run), and the manifest is copied last, so a copy
+    killed halfway is not taken for a run and is simply done again.
+    """
+    if not source.manifest.is_file():
+        raise KitError(f"{source.root} holds no run of the kit (no {source.manifest.relative_to(source.root)}). On "
+                       "Kaggle, attach the previous version's output (Add Input > Your Work) and give its car-kit "
+                       "folder, e.g. /kaggle/input/NOTEBOOK/car-kit.")
+    if target.manifest.is_file():
+        print(f"{target.weights} already holds a run; nothing copied. Delete that folder first to replace it "
+              f"with the one in {source.weights}.")
+        return
+    files = sorted((p for p in source.weights.rglob("*") if p.is_file() and not p.name.startswith(".")),
+                   key=lambda p: p == source.manifest)
+    for path in tqdm(files, desc="copying the run", unit="file", mininterval=1.0):
+        with atomic_path(target.weights / path.relative_to(source.weights)) as tmp:
+            shutil.copyfile(path, tmp)
+    print(f"Copied the run of {source.root} ({len(files)} files) into {target.weights}.")
 
 
 def status_table(workdir: Workdir, stages: tuple[Stage, ...]) -> str:
     manifest = read_manifest(workdir)
-    lines = [f"{'step':>4}  {'size':>4}  {'trainable':<26} {'status':<28} {'best val_acc':>12} {'epochs':>6}"
+    lines = [f"{'step':>4}  {'size':>4}  {'trainable':<26} {'status':<34} {'best val_acc':>12} {'epochs':>6}"
              f" {'wall time':>9}"]
     for stage in stages:
         record = manifest["stages"].get(str(stage.step), {})
         status = stage_status(workdir, stage.step)
-        if status == "interrupted" and record.get("position"):
-            position = record["position"]
-            status = f"interrupted at epoch {position['epoch'] + 1} step {position['step']}"
+        if status == "interrupted":
+            # The newest checkpoint's own name, not the record: a kill can land between the two writes.
+            newest = checkpoint.list_checkpoints(workdir.stage_dir(stage.step))
+            if newest:
+                epoch, step = checkpoint.position_of(newest[0])
+                status = f"interrupted at epoch {epoch + 1} step {step}"
+            else:
+                status = "interrupted (no checkpoint yet)"
+        row = Stage(**record["plan"]["stage"]) if "plan" in record else stage
         best = record.get("best_val_accuracy")
         best = f"{best:.4f}" if best is not None and best >= 0 else "-"
         wall = record.get("wall_time_s")
-        lines.append(f"{stage.step:>4}  {stage.image_size:>4}  {stage.describe_trainable():<26} {status:<28} "
-                     f"{best:>12} {record.get('epochs', '-'):>6} "
-                     f"{_hours(wall) if wall else '-':>9}")
+        lines.append(f"{row.step:>4}  {row.image_size:>4}  {row.describe_trainable():<26} {status:<34} "
+                     f"{best:>12} {record.get('epochs', '-'):>6} {_hours(wall) if wall else '-':>9}")
     return "\n".join(lines)
 
 
@@ -440,17 +593,32 @@ def _hours(seconds: float) -> str:
     return f"{int(seconds // 3600)}:{int(seconds % 3600 // 60):02d}:{int(seconds % 60):02d}"
 
 
-def run_all(workdir: Workdir, stages: tuple[Stage, ...], config: RunConfig, options: Options) -> str:
-    """Every stage not yet done, in order, resuming an interrupted one; stops at the first that stops."""
-    budget_end = time.monotonic() + options.time_budget_s if options.time_budget_s else None
-    for stage in stages:
-        status = stage_status(workdir, stage.step)
+def run_all(workdir: Workdir, plans: list[StagePlan], config: RunConfig, execution: Execution) -> str:
+    """Every stage not yet done, in order, resuming an interrupted one; stops at the first that stops.
+
+    `plans` holds each stage's saved plan where it has one: an interrupted stage resumes as it
+    started, overrides included. A stage is started only if, by the costs measured so far, its
+    set-up and first checkpoint fit in what is left of the budget.
+    """
+    images = None
+    for plan in plans:
+        step = plan.stage.step
+        status = stage_status(workdir, step)
         if status == "done":
             continue
-        left = None if budget_end is None else budget_end - time.monotonic()
-        result = run_stage(workdir, stage, config, dataclasses.replace(
-            options, resume=status == "interrupted", restart=False, time_budget_s=left))
+        if execution.budget.limited:
+            if images is None:
+                split = load_split(workdir, config.val_fraction, config.seed)
+                images = len(split.train) + len(split.val)
+            needed = start_cost(workdir, plan.stage, read_manifest(workdir)["costs"], images, execution)
+            if needed > execution.budget.left():
+                print(f"Stage {step} was not started: by the costs measured so far it needs about "
+                      f"{needed / 60:.1f} min to set up and reach its first checkpoint, and "
+                      f"{max(execution.budget.left(), 0) / 60:.1f} min of the budget are left.")
+                return "stopped"
+        result = run_stage(workdir, plan, config, dataclasses.replace(
+            execution, resume=status == "interrupted", restart=False))
         if result != "done":
             return result
-    print(status_table(workdir, stages))
+    print(status_table(workdir, tuple(p.stage for p in plans)))
     return "done"

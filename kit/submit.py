@@ -16,7 +16,7 @@ from typing import Sequence
 
 from kit.cli import KitError, add_workdir, main_guard
 from kit.config import COMPETITION, NUM_CLASSES, PROFILES, Workdir
-from kit.download import KaggleClient, kaggle_api, kaggle_errors
+from kit.download import KaggleClient, dataset_source, kaggle_api, kaggle_errors
 
 MAX_LISTED = 5
 
@@ -92,7 +92,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kit.submit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workdir(parser)
-    parser.add_argument("--profile", choices=sorted(PROFILES), default="colab")
     parser.add_argument("--file", type=Path, help="default: <workdir>/submissions/submission.csv")
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--message", "-m", help="the submission's description on Kaggle")
@@ -106,11 +105,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     submission = args.file or workdir.submissions / "submission.csv"
     if not workdir.sample_submission.is_file():
         raise KitError(f"{workdir.sample_submission} is missing; it is needed to check the file. Run "
-                       "'python -m kit.download' with the same --workdir.")
+                       f"'{workdir.command('kit.download')}' first.")
     if args.check:
         check(submission, workdir.sample_submission)
         print(f"{submission} is valid: every Id of the sample submission once, categories 0..{NUM_CLASSES - 1}.")
         return 0
+    if dataset_source(workdir) == "synthetic":
+        raise KitError(f"{submission} was predicted from the synthetic pictures in {workdir.data} (the smoke "
+                       "profile's, or 'kit.download --synthetic'): Kaggle would score it at chance and it would "
+                       "spend one of your daily submissions. Train on the competition's data, in a work directory "
+                       "of its own, and submit from there.")
     answer = submit(submission, workdir.sample_submission, args.message)
     print(f"Submitted {submission} to {COMPETITION}. Kaggle answered: {getattr(answer, 'message', None) or answer}")
     print(f"See the score with: kaggle competitions submissions {COMPETITION}")

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from kit.cli import KitError
 from kit.config import NUM_CLASSES, Workdir
-from kit.download import DatasetSummary, mark_verified
+from kit.download import DESCRIPTION, OLD_MARKER, DatasetSummary, mark_verified
 from kit.files import atomic_path, write_text
 
 TEST_LABELS = "test_labels.csv"  # the answers for a synthetic test set; the real one has none
@@ -66,7 +66,8 @@ def write_synthetic(workdir: Workdir, per_class: int = 100, test: int = 50, seed
     train, test_ids = _choose_ids(rng, per_class, test, ids_from)
     test_labels = rng.integers(0, NUM_CLASSES, len(test_ids))
     data = workdir.data
-    (data / ".verified").unlink(missing_ok=True)
+    for marker in (DESCRIPTION, OLD_MARKER):  # unverified while it is being rewritten
+        (data / marker).unlink(missing_ok=True)
     jobs = [(data / "train" / str(c) / i, c) for i, c in zip(train.Id, train.Category)]
     jobs += [(data / "test_upload" / i, int(c)) for i, c in zip(test_ids, test_labels)]
     for k, (path, label) in enumerate(tqdm(jobs, desc="synthetic images", mininterval=1.0)):
@@ -78,7 +79,7 @@ def write_synthetic(workdir: Workdir, per_class: int = 100, test: int = 50, seed
     write_text(data / "train.csv", train.to_csv(index=False))
     write_text(data / "sample-submission.csv", pd.DataFrame({"Id": test_ids, "Category": 0}).to_csv(index=False))
     write_text(data / TEST_LABELS, pd.DataFrame({"Id": test_ids, "Category": test_labels}).to_csv(index=False))
-    return mark_verified(workdir)
+    return mark_verified(workdir, "synthetic")
 
 
 def _choose_ids(rng: np.random.Generator, per_class: int, test: int,

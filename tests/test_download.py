@@ -128,7 +128,7 @@ def test_half_unpacked_dataset_is_finished_not_used(tmp_path, archive):
     victims = sorted(workdir.train_dir.rglob("*.jpg"))[:3]
     for victim in victims:
         victim.unlink()
-    (workdir.data / ".verified").unlink()  # as after a kill in the middle of unpacking
+    (workdir.data / "dataset.json").unlink()  # as after a kill in the middle of unpacking
     with pytest.raises(KitError, match="No verified dataset"):
         load_split(workdir)
     download(workdir, zip_path=archive)

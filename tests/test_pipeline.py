@@ -102,3 +102,27 @@ def test_killed_cache_build_is_finished_by_the_next_run(tmp_path):
     fresh = open_cache(tmp_path / "fresh", "train", paths, 224, progress=False)
     assert (folder / "pixels.u8").read_bytes() == (tmp_path / "fresh" / "train-258" / "pixels.u8").read_bytes()
     assert finished.unreadable == fresh.unreadable == {}
+
+
+def test_unreadable_images_are_remembered_across_a_killed_build(tmp_path):
+    """A killed build marks a broken photo done; the next run must still know it is broken, not black."""
+    workdir = small_synthetic(tmp_path, per_class=4, size=(96, 72))
+    paths = images_of(workdir)
+    broken = paths[0]
+    with open(broken, "r+b") as f:  # a truncated upload: the header survives, the pixels do not
+        f.truncate(200)
+    code = ("import sys; from kit.config import Workdir; from kit.dataset import read_train;"
+            "from kit.pipeline import open_cache;"
+            "open_cache(sys.argv[1], 'train', list(read_train(Workdir(sys.argv[2])).path), 64, workers=1)")
+    process = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "cache"), str(workdir.root)],
+                               env={**os.environ, "PYTHONPATH": str(ROOT), "KIT_FAULT_SLOW_DECODE": "0.3"},
+                               stderr=subprocess.DEVNULL)
+    done = tmp_path / "cache" / "train-74" / "done.npy"
+    end = time.monotonic() + 60
+    while not (done.exists() and np.load(done)[0]) and time.monotonic() < end:  # saved every 5 s
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert np.load(done)[0] and not np.load(done).all(), "killed after the broken photo, before the end"
+    resumed = open_cache(tmp_path / "cache", "train", paths, 64, progress=False)
+    assert broken in resumed.unreadable and "damaged or truncated" in resumed.unreadable[broken]

@@ -1,0 +1,152 @@
+"""The two records of a training run: what a model learns, and how a run executes.
+
+What is learned is fixed when it starts, saved in the manifest, and restored on every resume:
+  RunConfig  what every stage shares (profile, backbone, weights, head, seed, validation split),
+             fixed when stage 1 starts;
+  StagePlan  one stage's row of the table with its overrides, and its loss weighting, fixed when
+             that stage starts.
+A flag that contradicts a saved record is refused, naming the flag and the way out; a flag left
+out means "as saved", so `--all`, `python -m kit` and the notebooks resume with no flags at all.
+
+How a run executes may change from one session to the next without changing what is learned:
+  Execution  resume or restart, the time budget, checkpoint interval, precision (it follows the
+             machine), XLA, determinism, loader threads, the cache folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kit.cli import PROCESS_START, KitError, session_start
+from kit.config import Head, Profile, Stage, Workdir, override_stage, stage_of
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What every stage of one training run shares; fixed when stage 1 starts."""
+
+    profile: str
+    backbone: str
+    weights: str
+    head_units: int
+    head_dropout: float
+    head_bn_momentum: float
+    seed: int
+    val_fraction: float
+
+    @property
+    def head(self) -> Head:
+        return Head(self.head_units, self.head_dropout, self.head_bn_momentum)
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """What one stage learns: its row of the table (overrides applied) and its loss weighting."""
+
+    stage: Stage
+    class_weights: bool = False
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> "StagePlan":
+        return cls(Stage(**saved["stage"]), bool(saved.get("class_weights", False)))
+
+
+@dataclass(frozen=True)
+class Requested:
+    """What the command line asked for; None means 'not given' (the saved value, or the profile's)."""
+
+    backbone: str | None = None
+    weights: str | None = None
+    seed: int | None = None
+    val_fraction: float | None = None
+    class_weights: bool | None = None
+    stage_overrides: dict = field(default_factory=dict)  # image_size, batch_size, lr, epochs, steps_per_epoch
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A wall-clock deadline, counted from the session's start (or this process's), not from now."""
+
+    deadline: float = math.inf  # time.time() seconds
+
+    @classmethod
+    def minutes(cls, minutes: float | None) -> "Budget":
+        if minutes is None:
+            return cls()
+        return cls(session_start(default=PROCESS_START) + minutes * 60)
+
+    def left(self) -> float:
+        return self.deadline - time.time()
+
+    @property
+    def limited(self) -> bool:
+        return math.isfinite(self.deadline)
+
+
+@dataclass
+class Execution:
+    """How to run (not what to learn): may change between sessions without changing the result."""
+
+    resume: bool = False
+    restart: bool = False
+    budget: Budget = Budget()
+    save_every: int | None = None  # steps; None: about every SAVE_INTERVAL_S seconds
+    precision: str = "auto"
+    jit: bool = False
+    deterministic: bool = False
+    workers: int = 2
+    cache_dir: Path | None = None
+
+
+# ---- resolving a command line against the saved records ---------------------------------------
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def run_config(saved: dict | None, profile: Profile, requested: Requested, workdir: Workdir) -> RunConfig:
+    """The run's config: the saved one once stage 1 has started, refusing flags that contradict it."""
+    from kit.config import SEED, VAL_FRACTION
+
+    if saved is None:
+        return RunConfig(profile.name, requested.backbone or profile.backbone, requested.weights or profile.weights,
+                         profile.head.units, profile.head.dropout, profile.head.bn_momentum,
+                         SEED if requested.seed is None else requested.seed,
+                         VAL_FRACTION if requested.val_fraction is None else requested.val_fraction)
+    config = RunConfig(**saved)
+    wanted = {"profile": profile.name, "backbone": requested.backbone, "weights": requested.weights,
+              "seed": requested.seed, "val_fraction": requested.val_fraction}
+    clashes = [f"{_flag(k)} {v} (this run: {getattr(config, k)})" for k, v in wanted.items()
+               if v is not None and v != getattr(config, k)]
+    if clashes:
+        raise KitError(f"The run in {workdir.weights} was started with other settings: {'; '.join(clashes)}. A run "
+                       "keeps what it started with, or its stages would mix two models. Drop those flags to "
+                       "continue it, or use another --workdir for a new run.")
+    return config
+
+
+def stage_plan(saved: dict | None, profile: Profile, step: int, requested: Requested, workdir: Workdir) -> StagePlan:
+    """Stage `step`'s plan: the saved one once it has started, else the table with the requested overrides."""
+    if saved is None:
+        return StagePlan(override_stage(stage_of(profile, step), **requested.stage_overrides),
+                         bool(requested.class_weights))
+    plan = StagePlan.from_dict(saved)
+    clashes = [f"{_flag(k)} {v} (saved: {getattr(plan.stage, k)})" for k, v in requested.stage_overrides.items()
+               if v is not None and v != getattr(plan.stage, k)]
+    if requested.class_weights is not None and requested.class_weights != plan.class_weights:
+        clashes.append(f"{'--class-weights' if requested.class_weights else '--no-class-weights'} "
+                       f"(saved: {'with' if plan.class_weights else 'without'} class weights)")
+    if clashes:
+        raise KitError(f"Stage {step} was started with other settings: {'; '.join(clashes)}. A stage keeps what it "
+                       f"started with, so a resume continues the same training. Drop those flags to resume "
+                       f"('{workdir.command('kit.stage', '--step', str(step), '--resume')}'), or start stage {step} "
+                       f"over with them ('{workdir.command('kit.stage', '--step', str(step), '--restart')}' and "
+                       "the flags).")
+    return plan
