@@ -74,7 +74,8 @@ def test_a_format_1_file_still_loads(tmp_path):
 def test_a_file_of_another_head_is_refused_with_a_message(tmp_path):
     path = tmp_path / "wide.npz"
     checkpoint.save(path, tiny(units=64), {"step": 1})
-    with pytest.raises(checkpoint.IncompatibleCheckpoint, match=r"have another shape \(e.g. head_bn/beta \(32,\) here, \(64,\) in the file.*another backbone or head"):
+    shapes = r"have another shape \(e.g. head_bn/beta \(32,\) here, \(64,\) in the file.*another backbone or head"
+    with pytest.raises(checkpoint.IncompatibleCheckpoint, match=shapes):
         checkpoint.load_weights(path, tiny(units=32))
 
 

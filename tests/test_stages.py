@@ -125,8 +125,9 @@ def test_resume_after_sigkill_is_exact(stage_one, tmp_path):
     assert list(folder.glob(".checkpoint-*.tmp")), "the kill was meant to land inside a write"
 
     # The stage's overrides (--epochs 2 --batch-size 8) were saved when it started: no flags needed to resume.
-    finish = subprocess.run(stage_command(interrupted, "--step", "2", "--resume", args=["--profile", "smoke",
-                                          "--deterministic", "--workers", "2"]), capture_output=True, text=True, env=ENV)
+    no_overrides = ["--profile", "smoke", "--deterministic", "--workers", "2"]
+    finish = subprocess.run(stage_command(interrupted, "--step", "2", "--resume", args=no_overrides),
+                            capture_output=True, text=True, env=ENV)
     assert finish.returncode == 0, finish.stderr[-3000:]
     assert "Stage 2: resuming from checkpoint-" in finish.stdout
 
