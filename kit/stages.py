@@ -262,8 +262,9 @@ def run_stage(workdir: Workdir, plan: StagePlan, config: RunConfig, execution: E
         except CacheIncomplete as why:
             update_stage_record(workdir, stage.step, costs=costs)
             return _stopped(workdir, stage.step, str(why))
-        if timer.would_pass("setup") or stop_requests.requested:
-            return _stopped(workdir, stage.step, "the time budget: the model's set-up would not fit")
+        if stop_requests.requested or timer.would_pass("setup"):
+            why = "a stop request" if stop_requests.requested else "the time budget (the model's set-up would not fit)"
+            return _stopped(workdir, stage.step, why)
         setup_started = time.monotonic()
         model, state = prepare_model(workdir, plan, config, execution, previous, data)
         print(f"Stage {stage.step}: {config.backbone} at {stage.image_size} px, batch {stage.batch_size}, "

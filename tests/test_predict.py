@@ -143,3 +143,14 @@ def test_check_command(tmp_path):
     (workdir.submissions / "submission.csv").write_text("Id,Category\n")
     result = run_kit("kit.submit", "--check", "--workdir", str(tmp_path))
     assert result.returncode == 2 and "3 Ids of the sample submission are missing" in result.stderr
+
+
+def test_submit_refuses_a_submission_made_on_synthetic_data(smoke_run):
+    """The smoke run's file is valid, but Kaggle would score it at chance: no daily submission is spent on it."""
+    root = smoke_run.parent
+    checked = run_kit("kit.submit", "--check", "--profile", "smoke", "--workdir", str(root))
+    assert checked.returncode == 0, checked.stderr[-2000:]
+    result = run_kit("kit.submit", "--message", "smoke", "--profile", "smoke", "--workdir", str(root),
+                     env={"KAGGLE_USERNAME": "someone", "KAGGLE_KEY": "0" * 32})
+    message = " ".join(result.stderr.split())
+    assert result.returncode == 2 and "synthetic pictures" in message and "Traceback" not in result.stderr
