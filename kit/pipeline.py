@@ -135,7 +135,7 @@ class ImageCache:
                 per_image = (time.time() - started) / built
                 if time.time() + per_image + FLUSH_S > deadline:  # room to save what is built
                     self._checkpoint(pixels, done, unreadable, complete=False)
-                    raise CacheIncomplete(f"the time budget ran out while caching images at {self.short_side} px "
+                    raise CacheIncomplete(f"the time budget, while caching images at {self.short_side} px "
                                           f"({int(done.sum())} of {len(done)} done; the next run continues)")
                 h, w = shapes[index]
                 if isinstance(result, str) or result.shape != (h, w, 3):
