@@ -99,7 +99,7 @@ class Execution:
     budget: Budget = Budget()
     save_every: int | None = None  # steps; None: about every SAVE_INTERVAL_S seconds
     precision: str = "auto"
-    jit: bool = False
+    jit: str = "auto"  # "auto" (Keras' rule), "on" or "off"
     deterministic: bool = False
     workers: int = 2
     cache_dir: Path | None = None

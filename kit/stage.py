@@ -45,7 +45,9 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
                      help="checkpoint every STEPS batches (default: about every 10 minutes)")
     how.add_argument("--precision", choices=["auto", "float32", "mixed_float16", "mixed_bfloat16"], default="auto",
                      help="auto: mixed precision on a GPU (bfloat16 where the chip has it), float32 on a CPU")
-    how.add_argument("--jit", action="store_true", help="compile the train step with XLA")
+    how.add_argument("--jit", choices=["auto", "on", "off"], default="auto",
+                     help="XLA compilation of the train step. auto (default) is Keras' own rule: on with a GPU, off "
+                          "on a CPU and with --deterministic under TensorFlow, always on under JAX")
     how.add_argument("--deterministic", action="store_true",
                      help="deterministic ops (bit-exact resume; slower on GPU)")
     how.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="CPU threads for loading and augmenting")

@@ -268,8 +268,9 @@ def run_stage(workdir: Workdir, plan: StagePlan, config: RunConfig, execution: E
         setup_started = time.monotonic()
         model, state = prepare_model(workdir, plan, config, execution, previous, data)
         print(f"Stage {stage.step}: {config.backbone} at {stage.image_size} px, batch {stage.batch_size}, "
-              f"lr {state.lr:.2g}, {stage.describe_trainable()}, {state.runtime['precision']} on "
-              f"{state.runtime['device']}{', class-weighted loss' if plan.class_weights else ''}, "
+              f"lr {state.lr:.2g}, {stage.describe_trainable()}, {state.runtime['precision']}"
+              f"{' with XLA' if state.runtime['jit'] else ''} on {state.runtime['device']}"
+              f"{', class-weighted loss' if plan.class_weights else ''}, "
               f"{data.train_images} training / {data.val_images} validation images, {len(data.train)} steps per "
               "epoch", flush=True)
 
@@ -357,9 +358,9 @@ def prepare_model(workdir: Workdir, plan: StagePlan, config: RunConfig, executio
     model = build_model(config.backbone, stage.image_size, config.weights if stage.step == 1 else "none", config.head)
     set_trainable(model, stage.trainable)
     model.compile(optimizer=keras.optimizers.Adam(stage.lr), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"], jit_compile=execution.jit)
+                  metrics=["accuracy"], jit_compile={"auto": "auto", "on": True, "off": False}[execution.jit])
     model.optimizer.build(model.trainable_variables)
-    runtime = {"precision": precision, "device": describe_device()}
+    runtime = {"precision": precision, "device": describe_device(), "jit": bool(model.jit_compile)}
 
     try:
         if previous:
@@ -368,7 +369,8 @@ def prepare_model(workdir: Workdir, plan: StagePlan, config: RunConfig, executio
             checkpoint.assign_model(model, arrays, path)
             notes = checkpoint.assign_optimizer(model.optimizer, arrays, path)
             print(f"Stage {stage.step}: resuming from {path.name} at epoch {state.epoch + 1}, step {state.step}")
-            if state.runtime and state.runtime != runtime:
+            if state.runtime and {k: state.runtime.get(k) for k in ("precision", "device")} != {
+                    k: runtime[k] for k in ("precision", "device")}:
                 print(f"note: this stage ran under {state.runtime['precision']} on {state.runtime['device']} and "
                       f"continues under {precision} on {runtime['device']}; Adam's state is kept"
                       + "".join(f", {n}" for n in notes) + ". Training continues correctly but not bit for bit.")
@@ -482,7 +484,7 @@ def save_checkpoint(workdir: Workdir, model: keras.Model, state: LoopState, time
     checkpoint.prune(folder)
     timer.last_save = time.monotonic()
     timer.note("save", timer.last_save - started)
-    update_stage_record(workdir, state.stage.step, costs=timer.costs, status="interrupted",
+    update_stage_record(workdir, state.stage.step, costs=timer.costs, status="interrupted", runtime=state.runtime,
                         position={"epoch": state.epoch, "step": state.step},
                         best_val_accuracy=state.best_val_accuracy, epochs=len(state.history),
                         wall_time_s=state.wall_time_s)
@@ -500,7 +502,7 @@ def finish_stage(workdir: Workdir, state: LoopState, timer: Timer) -> str:
     if state.stopped_early:
         print(f"Stage {stage.step}: early stop, no improvement for {stage.early_stop_patience} epochs")
     timer.commit(state)
-    update_stage_record(workdir, stage.step, costs=timer.costs, status="done",
+    update_stage_record(workdir, stage.step, costs=timer.costs, status="done", runtime=state.runtime,
                         best_val_accuracy=state.best_val_accuracy, best_epoch=state.best_epoch,
                         epochs=len(state.history), wall_time_s=state.wall_time_s, position=None,
                         finished_at=time.strftime("%Y-%m-%d %H:%M:%S"))

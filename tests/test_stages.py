@@ -367,3 +367,9 @@ def test_smoke_run_learns(smoke_run):
     manifest = json.loads((smoke_run / "weights" / "state.json").read_text())
     assert [manifest["stages"][str(s)]["status"] for s in range(1, 8)] == ["done"] * 7
     assert manifest["stages"]["7"]["best_val_accuracy"] >= 0.90
+
+
+def test_the_stage_record_says_how_it_ran(stage_one):
+    """Precision, device and XLA as resolved on this machine (Keras' auto rule: no XLA on a CPU with TensorFlow)."""
+    record = read_manifest(Workdir.resolve(stage_one, SMOKE))["stages"]["1"]
+    assert record["runtime"] == {"precision": "float32", "device": "CPU", "jit": False}
