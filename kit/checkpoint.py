@@ -52,12 +52,16 @@ def model_variables(model: keras.Model) -> dict[str, keras.Variable]:
     first; layer names are the kit's and the backbone's, fixed by the architecture.
     """
     key_of: dict[int, str] = {}
+    used: set[str] = set()
     for layer in _leaf_layers(model):
         for variable in layer.variables:
+            if id(variable) in key_of:  # shared by two layers: named by the first
+                continue
             key = f"{layer.name}/{variable.name}"
-            if key in key_of.values() and key_of.get(id(variable)) != key:
+            if key in used:
                 key = f"{layer.name}/{variable.path}"  # two same-named variables in one composite layer
             key_of[id(variable)] = key
+            used.add(key)
     unnamed = [v.path for v in model.variables if id(v) not in key_of]
     if unnamed:
         raise RuntimeError(f"variables of {model.name} that belong to no layer cannot be named: {unnamed[:3]}")

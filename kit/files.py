@@ -111,10 +111,11 @@ class WorkdirLock:
             if why is None:
                 raise LockHeld(_describe(holder, self.path))
             # Move the stale lock aside first: of two processes taking over at once, one rename wins.
+            aside = self.path.with_name(f"{self.path.name}.stale-{self.record['token']}")
             with contextlib.suppress(FileNotFoundError):
-                os.rename(self.path, self.path.with_name(f"{self.path.name}.stale-{self.record['token']}"))
+                os.rename(self.path, aside)
                 print(f"note: took over the lock {self.path} from {_holder(holder)}: {why}")
-                self.path.with_name(f"{self.path.name}.stale-{self.record['token']}").unlink(missing_ok=True)
+                aside.unlink(missing_ok=True)
         else:
             raise LockHeld(_describe(self._read(), self.path))
         self._thread = threading.Thread(target=self._beat, name="workdir-lock-heartbeat", daemon=True)

@@ -31,8 +31,8 @@ from kit.config import CACHE_SCALE
 from kit.dataset import Split, UnreadableImage, load_resized, resized_short_side
 from kit.files import write_bytes, write_text
 
-CACHE_VERSION = 1
-FLUSH_S = 5.0  # how often a build saves its progress  # bump when load_resized changes, so old caches are rebuilt
+CACHE_VERSION = 1  # bump when load_resized changes, so old caches are rebuilt
+FLUSH_S = 5.0  # how often a build saves its progress
 DEFAULT_WORKERS = os.cpu_count() or 2
 
 _EXIF_ORIENTATION = 0x0112
@@ -93,10 +93,7 @@ class ImageCache:
         return self.pixels[start:start + h * w * 3].reshape(h, w, 3)
 
     def _read_meta(self) -> dict:
-        try:
-            return json.loads((self.folder / "meta.json").read_text())
-        except (OSError, ValueError):
-            return {}
+        return _read_meta(self.folder)
 
     def _build(self, workers: int, progress: bool, deadline: float) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -179,6 +176,13 @@ class ImageCache:
         return h, w
 
 
+def _read_meta(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def _npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array)
@@ -198,17 +202,17 @@ class CacheIncomplete(Exception):
 def open_cache(cache_root: Path, name: str, paths: Sequence[str], image_size: int,
                workers: int = DEFAULT_WORKERS, progress: bool = True, deadline: float = math.inf) -> ImageCache:
     """The cache of `paths` for a stage size, built (or finished) on first use."""
-    short = cache_short_side(image_size)
-    return ImageCache(Path(cache_root) / f"{name}-{short}", paths, short, workers, progress, deadline)
+    folder = cache_folder(cache_root, name, image_size)
+    return ImageCache(folder, paths, cache_short_side(image_size), workers, progress, deadline)
+
+
+def cache_folder(cache_root: Path, name: str, image_size: int) -> Path:
+    return Path(cache_root) / f"{name}-{cache_short_side(image_size)}"
 
 
 def cache_is_complete(cache_root: Path, name: str, image_size: int) -> bool:
     """Whether a cache at this size was finished (for any list of files; a cheap look before a budget decision)."""
-    meta = Path(cache_root) / f"{name}-{cache_short_side(image_size)}" / "meta.json"
-    try:
-        return bool(json.loads(meta.read_text()).get("complete"))
-    except (OSError, ValueError):
-        return False
+    return bool(_read_meta(cache_folder(cache_root, name, image_size)).get("complete"))
 
 
 def open_training_cache(cache_root: Path, split: Split, image_size: int, workers: int = DEFAULT_WORKERS,

@@ -113,7 +113,7 @@ def train(workdir: Workdir, profile, args: argparse.Namespace) -> str:
     with workdir_lock(workdir, "training run"):
         config = run.run_config(stages.read_manifest(workdir)["config"], profile, requested, workdir)
         execution = execution_from(args)
-        if getattr(args, "all", True):
+        if args.all:
             given = [f"--{k.replace('_', '-')}" for k, v in requested.stage_overrides.items() if v is not None]
             if given:
                 raise KitError(f"{', '.join(given)} change one stage's row: use them with --step N, not --all.")

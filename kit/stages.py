@@ -75,8 +75,7 @@ def saved_plan(workdir: Workdir, step: int) -> dict | None:
         return record["plan"]
     if "settings" in record:  # a run started before plans were saved: its row is all there is
         return {"stage": record["settings"], "class_weights": False}
-    newest = checkpoint.newest_readable(workdir.stage_dir(step))
-    return {"stage": newest[2]["stage"], "class_weights": False} if newest else None
+    return None
 
 
 def best_weights(workdir: Workdir, step: int) -> Path:
@@ -260,7 +259,6 @@ def run_stage(workdir: Workdir, plan: StagePlan, config: RunConfig, execution: E
         try:
             data = prepare_data(workdir, plan, config, execution, costs)
         except CacheIncomplete as why:
-            update_stage_record(workdir, stage.step, costs=costs)
             return _stopped(workdir, stage.step, str(why))
         if stop_requests.requested or timer.would_pass("setup"):
             why = "a stop request" if stop_requests.requested else "the time budget (the model's set-up would not fit)"
@@ -465,7 +463,8 @@ def _save_best(workdir: Workdir, model: keras.Model, state: LoopState, val_accur
         checkpoint.save(path, model, {"val_accuracy": val_accuracy, "epoch": state.epoch + 1,
                                       "stage": state.stage.step, "image_size": state.stage.image_size,
                                       "config": state.config})
-    _take_best_on_disk(workdir, state)
+    else:
+        state.best_val_accuracy, state.best_epoch = on_disk["val_accuracy"], on_disk["epoch"]
 
 
 def _take_best_on_disk(workdir: Workdir, state: LoopState) -> None:
