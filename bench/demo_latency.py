@@ -37,7 +37,7 @@ def default_model(size: int) -> LoadedModel:
     config = RunConfig("colab", profile.backbone, "none", profile.head.units, profile.head.dropout,
                        profile.head.bn_momentum, SEED, VAL_FRACTION)
     path = Path(tempfile.mkdtemp()) / "random.weights.npz"
-    checkpoint.save(path, build_model(profile.backbone, size, "none", profile.head),
+    checkpoint.save(path, build_model(profile.backbone, size, len(config.classes), "none", profile.head),
                     {"stage": STEPS[-1], "image_size": size, "config": dataclasses.asdict(config)})
     return load_model(path)
 

@@ -56,8 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     loaded = predict.load_model(predict.weights_path(workdir))
     print(f"Model: {loaded.describe()}")
     seed = predict.run_seed(workdir)
-    submission, unreadable = predict.predict_test(workdir, loaded, args.tta, seed, args.workers, args.cache_dir)
-    print(f"Wrote {workdir.submissions / 'submission.csv'} ({len(submission)} rows)")
+    table, unreadable = predict.predict_test(workdir, loaded, args.tta, seed, args.workers, args.cache_dir)
+    written = "predictions.csv" if "class" in table.columns else "submission.csv"
+    print(f"Wrote {workdir.submissions / written} ({len(table)} rows)")
     if unreadable:
         print(f"error: {len(unreadable)} test images could not be read: {', '.join(unreadable)}")
         return EXIT_FAILED

@@ -17,7 +17,7 @@ import numpy as np
 from keras import layers, ops
 
 from kit.cli import KitError
-from kit.config import NUM_CLASSES, Head
+from kit.config import Head
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,8 @@ def build_backbone(entry: Backbone, shape: tuple[int, int, int], weights: str) -
                        f"~/.keras/models/{file}, or pass --weights PATH with that file.") from None
 
 
-def build_model(backbone: str, image_size: int, weights: str = "none", head: Head = Head()) -> keras.Model:
+def build_model(backbone: str, image_size: int, num_classes: int, weights: str = "none",
+                head: Head = Head()) -> keras.Model:
     """uint8 image -> class probabilities: preprocessing, backbone, and the recipe's head.
 
     Head layers carry fixed names so checkpoints map onto a model rebuilt at another image size.
@@ -179,7 +180,7 @@ def build_model(backbone: str, image_size: int, weights: str = "none", head: Hea
     x = layers.Dense(head.units, activation="relu", name="head_dense")(x)
     x = layers.BatchNormalization(momentum=head.bn_momentum, name="head_bn")(x)
     x = layers.Dropout(head.dropout, seed=1, name="head_dropout")(x)
-    outputs = layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32", name="predictions")(x)
+    outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions")(x)
     return keras.Model(inputs, outputs, name=backbone.replace("-", "_"))
 
 

@@ -1,4 +1,4 @@
-"""Everything the kit is configured by, in one place: classes, stages, profiles, paths.
+"""Everything the kit is configured by, in one place: the competition preset, stages, profiles, paths.
 
 Other modules import from here and never hard-code a size, a path or a rate.
 """
@@ -14,8 +14,9 @@ from pathlib import Path
 COMPETITION = "sf-dl-car-classification"
 COMPETITION_URL = f"https://www.kaggle.com/competitions/{COMPETITION}"
 
-# Category index -> car model, from the competition's description.
-CLASS_NAMES: tuple[str, ...] = (
+# This competition's category index -> car model, from its description. Other datasets bring their
+# own classes (data/dataset.json); nothing else in the kit counts or names classes.
+COMPETITION_CLASSES: tuple[str, ...] = (
     "Lada Priora",
     "Ford Focus",
     "Lada 2114 (Samara)",
@@ -27,7 +28,6 @@ CLASS_NAMES: tuple[str, ...] = (
     "Volkswagen Passat",
     "Lada 21099",
 )
-NUM_CLASSES = len(CLASS_NAMES)
 
 SEED = 42
 VAL_FRACTION = 0.2

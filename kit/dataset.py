@@ -1,6 +1,8 @@
-"""The dataset index: which images exist, their labels, the saved train/validation split.
+"""The dataset as every command after the download sees it: classes, images, the saved split.
 
-Reading an image lives here too, so training, prediction and the demo all see the same pixels.
+The classes and their order come from data/dataset.json, the images from data/index.csv (both
+written by kit.download). Reading an image lives here too, so training, prediction and the demo
+all see the same pixels.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import pandas as pd
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from kit.cli import KitError
-from kit.config import NUM_CLASSES, SEED, VAL_FRACTION, Workdir
-from kit.download import require_dataset
+from kit.config import COMPETITION, SEED, VAL_FRACTION, Workdir
+from kit.download import INDEX, read_description, table_index
 from kit.files import write_text
 
 MAX_PIXELS = 40_000_000  # a 40-megapixel photo is already far more than any ad photo needs
@@ -82,21 +84,37 @@ class Split:
     val: pd.DataFrame
 
 
+def read_index(workdir: Workdir) -> pd.DataFrame:
+    """Every image of the dataset: Id, Category (NA for unlabelled test images), subset, absolute path."""
+    description = read_description(workdir)
+    path = workdir.data / INDEX
+    if path.is_file():
+        index = pd.read_csv(path, dtype={"Id": str, "subset": str, "path": str}, keep_default_na=False,
+                            na_values={"Category": [""]})
+        index["Category"] = index.Category.astype("Int64")
+    else:  # verified by kit 0.2, before index.csv: this competition's tables say it all
+        index = table_index(workdir.data, description.competition or COMPETITION)[0]
+    index["path"] = [str(workdir.data / p) for p in index.path]
+    return index
+
+
 def read_train(workdir: Workdir) -> pd.DataFrame:
-    """train.csv with the path of every image."""
-    require_dataset(workdir)
-    frame = pd.read_csv(workdir.train_csv, dtype={"Id": str})
-    frame["path"] = [str(workdir.train_dir / str(c) / i) for i, c in zip(frame.Id, frame.Category)]
+    """The labelled training images (a validation folder's too), each with its position in the image cache."""
+    index = read_index(workdir)
+    frame = index[index.subset != "test"].reset_index(drop=True)
+    frame["Category"] = frame.Category.astype(int)
     frame["row"] = np.arange(len(frame))  # position in the image cache of all training images
     return frame
 
 
 def read_test(workdir: Workdir) -> pd.DataFrame:
-    """The test Ids in sample-submission.csv's order, with their paths."""
-    require_dataset(workdir)
-    frame = pd.read_csv(workdir.sample_submission, dtype={"Id": str})[["Id"]]
-    frame["path"] = [str(workdir.test_dir / i) for i in frame.Id]
-    return frame
+    """The test images in the sample submission's (or the folder's) order, with their labels where known."""
+    index = read_index(workdir)
+    return index[index.subset == "test"].reset_index(drop=True)
+
+
+def class_names(workdir: Workdir) -> tuple[str, ...]:
+    return read_description(workdir).classes
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
@@ -114,7 +132,8 @@ def load_split(workdir: Workdir, val_fraction: float = VAL_FRACTION, seed: int =
     """The split saved in the work directory, computed and saved on first use.
 
     Every stage and every resumed run must see the same validation images, or stage-to-stage
-    accuracies would not compare and validation images would leak into training.
+    accuracies would not compare and validation images would leak into training. A dataset with a
+    labelled validation folder is split by it instead of at random.
     """
     frame = read_train(workdir)
     legacy = workdir.data / "split.csv"  # where runs started before 2026-11-22 kept it
@@ -123,20 +142,22 @@ def load_split(workdir: Workdir, val_fraction: float = VAL_FRACTION, seed: int =
     if workdir.split_csv.is_file():
         saved = pd.read_csv(workdir.split_csv, dtype={"Id": str})
         if set(saved.Id) != set(frame.Id):
-            raise KitError(f"The saved split {workdir.split_csv} does not match {workdir.train_csv} (the data "
-                           f"changed). If you really mean to start over, delete {workdir.weights} and train again.")
+            raise KitError(f"The saved split {workdir.split_csv} does not match the images of {workdir.data} (the "
+                           f"data changed). If you really mean to start over, delete {workdir.weights} and train "
+                           "again.")
         is_val = frame.Id.map(dict(zip(saved.Id, saved.fold == "val"))).to_numpy(bool)
     else:
-        is_val = stratified_split(frame.Category.to_numpy(), val_fraction, seed)
+        is_val = ((frame.subset == "val").to_numpy() if (frame.subset == "val").any()
+                  else stratified_split(frame.Category.to_numpy(), val_fraction, seed))
         fold = np.where(is_val, "val", "train")
         write_text(workdir.split_csv, frame[["Id", "Category"]].assign(fold=fold).to_csv(index=False))
     return Split(frame[~is_val].reset_index(drop=True), frame[is_val].reset_index(drop=True))
 
 
-def class_weights(labels: np.ndarray) -> dict[int, float]:
+def class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
     """'Balanced' weights n / (classes * count), so every class pulls equally on the loss."""
-    counts = np.bincount(labels, minlength=NUM_CLASSES)
-    return {k: float(len(labels) / (NUM_CLASSES * n)) if n else 0.0 for k, n in enumerate(counts)}
+    counts = np.bincount(labels, minlength=num_classes)
+    return {k: float(len(labels) / (num_classes * n)) if n else 0.0 for k, n in enumerate(counts)}
 
 
 def drop_unreadable(frame: pd.DataFrame, unreadable: dict[str, str], what: str) -> pd.DataFrame:

@@ -15,7 +15,7 @@ from typing import Sequence
 import gradio as gr
 
 from kit.cli import add_workdir, main_guard
-from kit.config import TTA_VIEWS
+from kit.config import COMPETITION_CLASSES, TTA_VIEWS, Workdir
 from kit.dataset import UnreadableImage
 from kit.predict import LoadedModel, Predictor, add_model_options, model_from_args
 
@@ -59,8 +59,8 @@ def build_demo(loaded: LoadedModel, tta: int = TTA_VIEWS, examples: Sequence[Pat
         return dict(ranked[:TOP_CLASSES])
 
     with gr.Blocks(title="Which car is it?") as demo:
-        gr.Markdown("# Which car is it?\nDrop a photo of a car from a sale ad: Lada models, Ford Focus or "
-                    f"VW Passat.\n\n**Model:** {loaded.describe()}")
+        gr.Markdown(f"# Which car is it?\nDrop a photo of a car: {what_it_knows(loaded.classes)}\n\n"
+                    f"**Model:** {loaded.describe()}")
         with gr.Row():
             with gr.Column():
                 photo = photo_input()
@@ -75,8 +75,22 @@ def build_demo(loaded: LoadedModel, tta: int = TTA_VIEWS, examples: Sequence[Pat
     return demo
 
 
-def example_photos(test_dir: Path) -> list[Path]:
-    return sorted(test_dir.glob("*.jpg"))[:EXAMPLES] if test_dir.is_dir() else []
+def what_it_knows(classes: Sequence[str], shown: int = 12) -> str:
+    """The page's one line on what the model can name, from the classes it was trained on."""
+    if tuple(classes) == COMPETITION_CLASSES:
+        return "a sale ad's Lada models, Ford Focus or VW Passat."
+    names = ", ".join(classes[:shown])
+    return f"one of {len(classes)} models ({names}{', ...' if len(classes) > shown else ''})."
+
+
+def example_photos(workdir: Workdir) -> list[Path]:
+    """A few of the dataset's test photos, when it has any (the page offers them to click)."""
+    from kit.dataset import read_test
+    from kit.download import is_verified
+
+    if not is_verified(workdir):
+        return []
+    return [Path(p) for p in read_test(workdir).path[:EXAMPLES] if Path(p).is_file()]
 
 
 def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
@@ -103,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     workdir, loaded = model_from_args(args)
     print(f"Model: {loaded.describe()}")
-    examples = example_photos(workdir.test_dir)
+    examples = example_photos(workdir)
     launch(build_demo(loaded, args.tta or 1, examples), args.host, args.port, args.share, examples)
     return 0
 

@@ -46,14 +46,16 @@ def plot_confusion(matrix: np.ndarray, names: Sequence[str], path: Path, title: 
     import matplotlib.pyplot as plt
 
     rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
-    figure, ax = plt.subplots(figsize=(9, 8))
+    side = max(8.0, 0.22 * len(names) + 3)  # 196 classes still get a readable row each
+    font = 9 if len(names) <= 30 else 6
+    figure, ax = plt.subplots(figsize=(side + 1, side))
     ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
-    ax.set_yticks(range(len(names)), names)
+    ax.set_xticks(range(len(names)), names, rotation=45 if len(names) <= 30 else 90, ha="right", fontsize=font)
+    ax.set_yticks(range(len(names)), names, fontsize=font)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
-    for i in range(len(names)):
+    for i in range(len(names) if len(names) <= 30 else 0):  # counts only where they fit in a cell
         for j in range(len(names)):
             if matrix[i, j]:
                 ax.text(j, i, int(matrix[i, j]), ha="center", va="center",

@@ -1,12 +1,16 @@
-"""Predict the test set with test-time augmentation into submissions/submission.csv.
+"""Predict with test-time augmentation: the test set into a submission, or any folder of photos.
 
     python -m kit.predict                  # best weights of the last finished stage, TTA 10
     python -m kit.predict --tta 0          # one plain view per image
     python -m kit.predict --stage 4        # or --weights PATH
+    python -m kit.predict --folder DIR     # every photo under DIR -> submissions/predictions.csv
 
-Also writes submissions/probabilities.csv (Id and the 10 class probabilities) for ensembling.
-Rows follow sample-submission.csv. An unreadable image still gets a row (the class prior) and
-the command exits non-zero with the list, so a submission is never silently incomplete.
+For a competition: submissions/submission.csv in the sample submission's order and header, and
+submissions/probabilities.csv (Id and one column per class, named after it) for ensembling.
+For a class-folder dataset's test folder, or --folder: predictions.csv (Id, class, probability,
+then every class's probability). An unreadable image still gets a row (the class prior in a
+submission, no class in predictions.csv) and the command exits non-zero with the list, so
+nothing is ever silently incomplete.
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ from tqdm.auto import tqdm
 
 from kit.augment import plain_transform, tta_transform, tta_views
 from kit.cli import KitError, add_workdir, main_guard
-from kit.config import CLASS_NAMES, NUM_CLASSES, PROFILES, SEED, STEPS, TTA_VIEWS, Workdir, stage_of
+from kit.config import PROFILES, SEED, STEPS, TTA_VIEWS, Workdir, stage_of
 from kit.dataset import UnreadableImage, load_resized, read_test, read_train
+from kit.download import _is_hidden, _is_image, image_files, read_description
 from kit.files import write_text
 from kit.pipeline import DEFAULT_WORKERS, cache_short_side, default_cache_root, open_cache, ordered_map
 
@@ -40,6 +45,7 @@ class LoadedModel:
     image_size: int
     val_accuracy: float | None
     source: Path
+    classes: tuple[str, ...]  # the model's outputs, in order, as the run was trained on them
 
     def describe(self) -> str:
         stage = f"stage {self.stage}" if self.stage else "custom weights"
@@ -94,12 +100,12 @@ def load_model(path: Path, image_size: int | None = None, precision: str = "auto
     step = state.get("stage")
     size = image_size or state.get("image_size") or stage_of(PROFILES[config.profile], step).image_size
     keras.mixed_precision.set_global_policy(choose_precision(precision))  # weights stay float32 either way
-    model = build_model(config.backbone, size, "none", config.head)
+    model = build_model(config.backbone, size, len(config.classes), "none", config.head)
     try:
         checkpoint.assign_model(model, arrays, path)
     except checkpoint.IncompatibleCheckpoint as error:
         raise KitError(str(error)) from None
-    return LoadedModel(model, config.backbone, step, size, state.get("val_accuracy"), path)
+    return LoadedModel(model, config.backbone, step, size, state.get("val_accuracy"), path, config.classes)
 
 
 class Predictor:
@@ -116,7 +122,7 @@ class Predictor:
     def predict_views(self, views: np.ndarray) -> np.ndarray:
         """(images * views, size, size, 3) uint8 -> (images, classes), the views' mean."""
         probs = np.asarray(self.loaded.model.predict_on_batch(views), np.float64)
-        return probs.reshape(-1, self.views, NUM_CLASSES).mean(axis=1)
+        return probs.reshape(-1, self.views, len(self.loaded.classes)).mean(axis=1)
 
     def predict_image(self, source: str | Path | Image.Image, key: str = "upload") -> np.ndarray:
         """One photo (a path or a PIL image) -> probabilities; raises UnreadableImage."""
@@ -125,7 +131,7 @@ class Predictor:
     def rank(self, source: str | Path | Image.Image, key: str = "upload") -> list[tuple[str, float]]:
         """Every car model with its probability, most likely first: the kit's answer for one photo."""
         probs = self.predict_image(source, key)
-        return [(CLASS_NAMES[k], float(probs[k])) for k in np.argsort(-probs, kind="stable")]
+        return [(self.loaded.classes[k], float(probs[k])) for k in np.argsort(-probs, kind="stable")]
 
     def predict_many(self, images, keys: Sequence[str], progress: bool = True) -> tuple[np.ndarray, dict[str, str]]:
         """Probabilities for images[i] (a cache or anything indexable), keyed by keys[i] for the TTA draws.
@@ -134,7 +140,7 @@ class Predictor:
         """
         per_batch = max(1, VIEWS_PER_BATCH // self.views)
         chunks = [range(start, min(start + per_batch, len(keys))) for start in range(0, len(keys), per_batch)]
-        probs = np.full((len(keys), NUM_CLASSES), np.nan)
+        probs = np.full((len(keys), len(self.loaded.classes)), np.nan)
         unreadable: dict[str, str] = {}
         local = threading.local()  # one pair of transforms per thread: reseeding a shared one would race
 
@@ -167,28 +173,112 @@ def run_seed(workdir: Workdir) -> int:
     return config["seed"] if config else SEED
 
 
-def class_prior(workdir: Workdir) -> np.ndarray:
-    counts = read_train(workdir).Category.value_counts().reindex(range(NUM_CLASSES), fill_value=0).to_numpy()
+def class_prior(workdir: Workdir, num_classes: int) -> np.ndarray:
+    counts = read_train(workdir).Category.value_counts().reindex(range(num_classes), fill_value=0).to_numpy()
     return counts / counts.sum()
+
+
+class DecodedImages:
+    """Photos decoded when indexed: for folders predicted once, where a cache would not pay off."""
+
+    def __init__(self, paths: Sequence[str], short_side: int):
+        self.paths, self.short_side = list(paths), short_side
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return load_resized(self.paths[index], self.short_side)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def probability_table(keys: Sequence[str], probs: np.ndarray, classes: Sequence[str], key: str = "Id") -> pd.DataFrame:
+    """One row per image: its key, then one column per class named after it (the order of the model's outputs)."""
+    table = pd.DataFrame(probs, columns=list(classes)).round(6)
+    table.insert(0, key, list(keys))
+    return table
+
+
+def predictions_table(keys: Sequence[str], probs: np.ndarray, classes: Sequence[str], key: str) -> pd.DataFrame:
+    """Key, the predicted class and its probability, then every class's probability; no class where unreadable."""
+    readable = ~np.isnan(probs).any(axis=1)
+    best = np.where(readable, np.nan_to_num(probs).argmax(axis=1), 0)
+    table = probability_table(keys, probs, classes, key)
+    table.insert(1, "class", [classes[k] if ok else "" for k, ok in zip(best, readable)])
+    table.insert(2, "probability", np.where(readable, np.nan_to_num(probs).max(axis=1), np.nan).round(6))
+    return table
+
+
+def check_classes(workdir: Workdir, loaded: LoadedModel) -> None:
+    """Refuse a model trained on other classes than the dataset's: its outputs would be misnamed."""
+    classes = read_description(workdir).classes
+    if tuple(classes) != tuple(loaded.classes):
+        raise KitError(f"{loaded.source} was trained on {len(loaded.classes)} classes ({', '.join(loaded.classes[:3])}"
+                       f", ...) and the dataset in {workdir.data} has {len(classes)} ({', '.join(classes[:3])}, ...). "
+                       "Predict with that run's own work directory, or use --folder DIR to name photos with the "
+                       "model's classes.")
 
 
 def predict_test(workdir: Workdir, loaded: LoadedModel, tta: int = TTA_VIEWS, seed: int = SEED,
                  workers: int = DEFAULT_WORKERS, cache_dir: Path | None = None) -> tuple[pd.DataFrame, dict[str, str]]:
-    """submission.csv and probabilities.csv for every test Id; returns the submission and the unreadable Ids."""
+    """The test set's predictions, written; returns the written table and the unreadable Ids.
+
+    A competition gets submission.csv (its sample submission's header, order and label values) and
+    probabilities.csv; a class-folder dataset's test folder gets predictions.csv.
+    """
+    check_classes(workdir, loaded)
+    description = read_description(workdir)
     test = read_test(workdir)
+    if test.empty:
+        raise KitError(f"The dataset in {workdir.data} has no test images. Name the photos of any folder with "
+                       f"'{workdir.command('kit.predict', '--folder', 'DIR')}'.")
     cache_root = cache_dir or default_cache_root(workdir.cache)
     cache = open_cache(cache_root, "test", list(test.path), loaded.image_size, workers)
-    predictor = Predictor(loaded, tta, seed, workers)
-    probs, unreadable = predictor.predict_many(cache, list(test.Id))
+    probs, unreadable = Predictor(loaded, tta, seed, workers).predict_many(cache, list(test.Id))
+    if description.sample_submission is None:
+        table = predictions_table(test.Id, probs, loaded.classes, "Id")
+        write_text(workdir.submissions / "predictions.csv", table.to_csv(index=False))
+        return table, unreadable
     missing = np.isnan(probs).any(axis=1)
     if missing.any():
-        probs[missing] = class_prior(workdir)
-    submission = pd.DataFrame({"Id": test.Id, "Category": probs.argmax(axis=1)})
-    probabilities = pd.DataFrame(probs, columns=[f"p{k}" for k in range(NUM_CLASSES)]).round(6)
-    probabilities.insert(0, "Id", test.Id)
+        probs[missing] = class_prior(workdir, len(loaded.classes))
+    header = pd.read_csv(workdir.data / description.sample_submission, nrows=0).columns[:2]
+    submission = pd.DataFrame({header[0]: test.Id,
+                               header[1]: [description.labels[k] for k in probs.argmax(axis=1)]})
     write_text(workdir.submissions / "submission.csv", submission.to_csv(index=False))
-    write_text(workdir.submissions / "probabilities.csv", probabilities.to_csv(index=False))
+    write_text(workdir.submissions / "probabilities.csv",
+               probability_table(test.Id, probs, loaded.classes).to_csv(index=False))
     return submission, unreadable
+
+
+def photos_in(folder: Path) -> tuple[list[Path], list[str]]:
+    """Every image file under `folder` (nested too), and the other files, which are skipped."""
+    photos, skipped = [], []
+    for path in image_files(folder):
+        relative = path.relative_to(folder)
+        if _is_hidden(relative) or not _is_image(relative):
+            skipped.append(relative.as_posix())
+        else:
+            photos.append(path)
+    return photos, skipped
+
+
+def predict_folder(folder: Path, loaded: LoadedModel, out: Path, tta: int = TTA_VIEWS, seed: int = SEED,
+                   workers: int = DEFAULT_WORKERS) -> tuple[pd.DataFrame, dict[str, str]]:
+    """predictions.csv for every photo under `folder` (paths relative to it); returns it and the unreadable."""
+    if not Path(folder).is_dir():
+        raise KitError(f"--folder {folder} is not a folder. Give a folder of photos (subfolders are searched too).")
+    photos, skipped = photos_in(Path(folder))
+    if skipped:
+        print(f"Skipped {len(skipped)} files that are not images: {', '.join(skipped[:5])}"
+              + (" ..." if len(skipped) > 5 else ""))
+    if not photos:
+        raise KitError(f"No photos (.jpg, .png, .webp, ...) were found under {folder}.")
+    keys = [p.relative_to(folder).as_posix() for p in photos]
+    predictor = Predictor(loaded, tta, seed, workers)
+    probs, unreadable = predictor.predict_many(DecodedImages([str(p) for p in photos], predictor.short_side), keys)
+    table = predictions_table(keys, probs, loaded.classes, "path")
+    write_text(out, table.to_csv(index=False))
+    return table, unreadable
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -217,24 +307,39 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workdir(parser)
     add_model_options(parser)
+    parser.add_argument("--folder", type=Path, help="predict every photo under this folder instead of the test set")
+    parser.add_argument("--out", type=Path, help="with --folder: the CSV to write (default: "
+                                                 "<workdir>/submissions/predictions.csv)")
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.out and not args.folder:
+        raise KitError("--out goes with --folder; the test set's files are always written to <workdir>/submissions.")
     workdir, loaded = model_from_args(args)
     print(f"Model: {loaded.describe()}")
-    submission, unreadable = predict_test(workdir, loaded, args.tta, args.seed, max(1, args.workers))
-    counts = submission.Category.value_counts().reindex(range(NUM_CLASSES), fill_value=0)
-    print(f"Wrote {workdir.submissions / 'submission.csv'} ({len(submission)} rows) and probabilities.csv")
-    print("predicted per class: " + ", ".join(f"{CLASS_NAMES[k]} {n}" for k, n in counts.items()))
+    workers = max(1, args.workers)
+    if args.folder:
+        out = args.out or workdir.submissions / "predictions.csv"
+        table, unreadable = predict_folder(args.folder, loaded, out, args.tta, args.seed, workers)
+        print(f"Wrote {out} ({len(table)} photos)")
+        counts = table["class"][table["class"] != ""].value_counts()
+    else:
+        table, unreadable = predict_test(workdir, loaded, args.tta, args.seed, workers)
+        written = "predictions.csv" if "class" in table.columns else "submission.csv and probabilities.csv"
+        print(f"Wrote {written} to {workdir.submissions} ({len(table)} rows)")
+        counts = (table["class"].value_counts() if "class" in table.columns
+                  else table.iloc[:, 1].map(dict(zip(read_description(workdir).labels, loaded.classes))).value_counts())
+    print("predicted per class: " + ", ".join(f"{name} {counts.get(name, 0)}" for name in loaded.classes))
     if unreadable:
-        print(f"error: {len(unreadable)} test images could not be read; their rows hold the class prior:")
+        print(f"error: {len(unreadable)} images could not be read; their rows hold no prediction of their own:")
         for key, why in unreadable.items():
             print(f"  {key}: {why}")
         return 1
-    print(f"Next: {workdir.command('kit.submit', '--message', repr('your note'))}")
+    if not args.folder and "class" not in table.columns:
+        print(f"Next: {workdir.command('kit.submit', '--message', repr('your note'))}")
     return 0
 
 

@@ -1,9 +1,11 @@
-"""The validation report: accuracy with and without TTA, per-class metrics, confusion matrix, curves.
+"""The report: accuracy with and without TTA, per-class metrics, confusion matrices, curves.
 
-    python -m kit.report            # best weights of the last finished stage
+    python -m kit.report                   # validation split (and a labelled test folder, if the data has one)
+    python -m kit.report --test-dir DIR    # also score a labelled class-folder set: DIR/<class>/<photos>
 
-Writes submissions/report/: summary.txt, metrics.json, confusion_matrix.png (with TTA) and
-curves.png (every stage's accuracy and loss side by side).
+Writes submissions/report/: summary.txt, metrics.json, confusion_matrix.png (validation, with TTA),
+confusion_matrix_test.png (the test set, when there is one) and curves.png (every stage's
+accuracy and loss side by side). Metrics come from scikit-learn.
 """
 
 from __future__ import annotations
@@ -11,45 +13,42 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from kit.cli import add_workdir, main_guard
-from kit.config import CLASS_NAMES, NUM_CLASSES, SEED, STEPS, VAL_FRACTION, Workdir
-from kit.dataset import drop_unreadable, load_split
+from kit.cli import KitError, add_workdir, main_guard
+from kit.config import SEED, STEPS, VAL_FRACTION, Workdir
+from kit.dataset import drop_unreadable, load_split, read_test
+from kit.download import _is_hidden, _is_image, image_files, read_description
 from kit.files import write_text
-from kit.pipeline import DEFAULT_WORKERS, default_cache_root, open_training_cache
+from kit.pipeline import DEFAULT_WORKERS, default_cache_root, open_cache, open_training_cache
 from kit.plots import plot_confusion, plot_curves
-from kit.predict import LoadedModel, Predictor, add_model_options, model_from_args
+from kit.predict import DecodedImages, LoadedModel, Predictor, add_model_options, check_classes, model_from_args
 
 
-def confusion(labels: np.ndarray, predicted: np.ndarray) -> np.ndarray:
-    matrix = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
-    np.add.at(matrix, (labels, predicted), 1)
-    return matrix
+def per_class(labels: np.ndarray, predicted: np.ndarray, classes: Sequence[str]) -> tuple[np.ndarray, list[dict]]:
+    """The confusion matrix (rows: true) and precision, recall, F1 and support of every class."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-
-def per_class(matrix: np.ndarray) -> list[dict]:
-    """Precision, recall, F1 and support per class, from the confusion matrix (rows: true)."""
-    rows = []
-    for k in range(NUM_CLASSES):
-        tp, predicted, support = matrix[k, k], matrix[:, k].sum(), matrix[k].sum()
-        precision = tp / predicted if predicted else 0.0
-        recall = tp / support if support else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        rows.append({"class": k, "model": CLASS_NAMES[k], "precision": precision, "recall": recall, "f1": f1,
-                     "support": int(support)})
-    return rows
+    every = list(range(len(classes)))
+    matrix = confusion_matrix(labels, predicted, labels=every)
+    precision, recall, f1, support = precision_recall_fscore_support(labels, predicted, labels=every,
+                                                                     zero_division=0)
+    rows = [{"class": k, "name": classes[k], "precision": float(precision[k]), "recall": float(recall[k]),
+             "f1": float(f1[k]), "support": int(support[k])} for k in every]
+    return matrix, rows
 
 
 def classification_report(rows: list[dict], accuracy: float) -> str:
-    lines = [f"{'class':>5}  {'model':<22} {'precision':>9} {'recall':>7} {'f1':>7} {'support':>8}"]
-    lines += [f"{r['class']:>5}  {r['model']:<22} {r['precision']:>9.4f} {r['recall']:>7.4f} {r['f1']:>7.4f} "
-              f"{r['support']:>8}" for r in rows]
+    width = max(22, min(40, max(len(r["name"]) for r in rows)))
+    lines = [f"{'class':>5}  {'name':<{width}} {'precision':>9} {'recall':>7} {'f1':>7} {'support':>8}"]
+    lines += [f"{r['class']:>5}  {r['name'][:width]:<{width}} {r['precision']:>9.4f} {r['recall']:>7.4f} "
+              f"{r['f1']:>7.4f} {r['support']:>8}" for r in rows]
     macro = np.mean([r["f1"] for r in rows])
-    lines.append(f"{'':>5}  {'accuracy':<22} {accuracy:>25.4f} {sum(r['support'] for r in rows):>8}")
-    lines.append(f"{'':>5}  {'macro F1':<22} {macro:>25.4f}")
+    lines.append(f"{'':>5}  {'accuracy':<{width}} {accuracy:>25.4f} {sum(r['support'] for r in rows):>8}")
+    lines.append(f"{'':>5}  {'macro F1':<{width}} {macro:>25.4f}")
     return "\n".join(lines)
 
 
@@ -63,42 +62,100 @@ def stage_histories(workdir: Workdir) -> dict[str, list[dict]]:
     return histories
 
 
-def write_report(workdir: Workdir, loaded: LoadedModel, tta: int, seed: int, workers: int = DEFAULT_WORKERS) -> dict:
-    """Evaluate on the saved validation split with one view and with `tta` views; write the report."""
+def evaluate(loaded: LoadedModel, images, keys: Sequence[str], labels: np.ndarray, tta: int, seed: int,
+             workers: int) -> dict:
+    """Accuracy with one view and with `tta` views; the last one's matrix and per-class figures."""
+    results = {}
+    for views in sorted({1, max(tta, 1)}):
+        probs, unreadable = Predictor(loaded, views, seed, workers).predict_many(images, list(keys))
+        scored = ~np.isnan(probs).any(axis=1)  # an unreadable photo is listed, not scored
+        predicted = probs[scored].argmax(axis=1)
+        name = "no TTA" if views == 1 else f"TTA {views}"
+        results[name] = {"accuracy": float((predicted == labels[scored]).mean()), "images": int(scored.sum()),
+                         "unreadable": unreadable, "labels": labels[scored], "predicted": predicted}
+    best = results[list(results)[-1]]
+    matrix, rows = per_class(best["labels"], best["predicted"], loaded.classes)
+    return {"accuracy": {name: r["accuracy"] for name, r in results.items()}, "images": best["images"],
+            "best": list(results)[-1], "per_class": rows, "confusion_matrix": matrix.tolist(),
+            "unreadable": best["unreadable"]}
+
+
+def labelled_folder(folder: Path, classes: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """Photos of DIR/<class>/* with their class numbers; refuses class folders the model does not know."""
+    if not folder.is_dir():
+        raise KitError(f"--test-dir {folder} is not a folder. Give a folder of class folders: DIR/<class>/<photos>.")
+    number = {name: k for k, name in enumerate(classes)}
+    paths, labels, unknown = [], [], set()
+    for path in image_files(folder):
+        relative = path.relative_to(folder)
+        if len(relative.parts) != 2 or _is_hidden(relative) or not _is_image(relative):
+            continue
+        if relative.parts[0] not in number:
+            unknown.add(relative.parts[0])
+            continue
+        paths.append(str(path))
+        labels.append(number[relative.parts[0]])
+    if unknown:
+        raise KitError(f"{folder} has class folders the model was not trained on: {', '.join(sorted(unknown)[:5])}. "
+                       f"Its classes are: {', '.join(classes[:10])}{' ...' if len(classes) > 10 else ''}.")
+    if not paths:
+        raise KitError(f"No photos in class folders were found under {folder}: expected {folder}/<class>/<photo>.")
+    return paths, np.asarray(labels)
+
+
+def validation_set(workdir: Workdir, loaded: LoadedModel, workers: int):
+    """The run's validation images from the training cache, their Ids and labels."""
     from kit.stages import read_manifest
 
     config = read_manifest(workdir)["config"] or {}
     split = load_split(workdir, config.get("val_fraction", VAL_FRACTION), config.get("seed", SEED))
     cache, position = open_training_cache(default_cache_root(workdir.cache), split, loaded.image_size, workers)
     val = drop_unreadable(split.val, cache.unreadable, "validation")
-    images = [position[p] for p in val.path]
-    labels = val.Category.to_numpy()
-    view = _Subset(cache, images)
-    results = {}
-    for name, views in (("no TTA", 1), (f"TTA {max(tta, 1)}", max(tta, 1))):
-        probs, _ = Predictor(loaded, views, seed, workers).predict_many(view, list(val.Id))
-        predicted = probs.argmax(axis=1)
-        results[name] = {"accuracy": float((predicted == labels).mean()), "matrix": confusion(labels, predicted)}
-        if views == 1 and tta <= 1:
-            break
+    return _Subset(cache, [position[p] for p in val.path]), list(val.Id), val.Category.to_numpy()
+
+
+def test_set(workdir: Workdir, loaded: LoadedModel, workers: int, test_dir: Path | None):
+    """A labelled test set, from --test-dir or the dataset's labelled test folder; None when there is none."""
+    if test_dir is not None:
+        paths, labels = labelled_folder(Path(test_dir), loaded.classes)
+        keys = [str(Path(p).relative_to(test_dir)) for p in paths]
+        return DecodedImages(paths, Predictor(loaded, 1).short_side), keys, labels, str(test_dir)
+    if not read_description(workdir).test_labelled:
+        return None
+    test = read_test(workdir)
+    cache = open_cache(default_cache_root(workdir.cache), "test", list(test.path), loaded.image_size, workers)
+    return cache, list(test.Id), test.Category.to_numpy(int), "the dataset's test folder"
+
+
+def write_report(workdir: Workdir, loaded: LoadedModel, tta: int, seed: int, workers: int = DEFAULT_WORKERS,
+                 test_dir: Path | None = None) -> dict:
+    """Evaluate on the saved validation split (and a labelled test set) with one view and `tta` views."""
+    check_classes(workdir, loaded)
     folder = workdir.report
-    best_name = list(results)[-1]
-    matrix = results[best_name]["matrix"]
-    rows = per_class(matrix)
-    plot_confusion(matrix, CLASS_NAMES, folder / "confusion_matrix.png",
-                   f"validation, {best_name}: accuracy {results[best_name]['accuracy']:.4f}")
+    sections = {"validation": validation_set(workdir, loaded, workers)}
+    test = test_set(workdir, loaded, workers, test_dir)
+    if test is not None:
+        sections["test"] = test[:3]
+    metrics = {"model": loaded.describe(), "classes": list(loaded.classes)}
+    summary = [f"Model: {loaded.describe()}"]
+    for name, (images, keys, labels) in sections.items():
+        result = evaluate(loaded, images, keys, labels, tta, seed, workers)
+        metrics[name] = result
+        source = f" ({test[3]})" if name == "test" else ""
+        summary += ["", f"{name.capitalize()} images{source}: {result['images']}"]
+        summary += [f"accuracy ({view}): {accuracy:.4f}" for view, accuracy in result["accuracy"].items()]
+        summary += [f"unreadable, not scored: {', '.join(result['unreadable'])}"] if result["unreadable"] else []
+        summary += [f"Per class ({result['best']}):",
+                    classification_report(result["per_class"], result["accuracy"][result["best"]])]
+        picture = folder / ("confusion_matrix.png" if name == "validation" else f"confusion_matrix_{name}.png")
+        plot_confusion(np.asarray(result["confusion_matrix"]), loaded.classes, picture,
+                       f"{name}, {result['best']}: accuracy {result['accuracy'][result['best']]:.4f}")
     plot_curves(stage_histories(workdir), folder / "curves.png")
-    summary = [f"Model: {loaded.describe()}", f"Validation images: {len(val)}"]
-    summary += [f"accuracy ({name}): {r['accuracy']:.4f}" for name, r in results.items()]
-    summary += ["", f"Per class ({best_name}):", classification_report(rows, results[best_name]["accuracy"])]
     text = "\n".join(summary)
     write_text(folder / "summary.txt", text + "\n")
-    metrics = {"model": loaded.describe(), "validation_images": len(val),
-               "accuracy": {name: r["accuracy"] for name, r in results.items()}, "per_class": rows,
-               "confusion_matrix": matrix.tolist()}
-    write_text(folder / "metrics.json", json.dumps(metrics, indent=2))
+    write_text(folder / "metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False))
     print(text)
-    print(f"Report written to {folder} (summary.txt, metrics.json, confusion_matrix.png, curves.png)")
+    print(f"Report written to {folder} (summary.txt, metrics.json, confusion matrices, curves.png)")
     return metrics
 
 
@@ -120,13 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workdir(parser)
     add_model_options(parser)
+    parser.add_argument("--test-dir", type=Path, help="also evaluate on this labelled folder: DIR/<class>/<photos>")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     workdir, loaded = model_from_args(args)
-    write_report(workdir, loaded, args.tta, args.seed)
+    write_report(workdir, loaded, args.tta, args.seed, test_dir=args.test_dir)
     return 0
 
 

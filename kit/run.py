@@ -1,8 +1,8 @@
 """The two records of a training run: what a model learns, and how a run executes.
 
 What is learned is fixed when it starts, saved in the manifest, and restored on every resume:
-  RunConfig  what every stage shares (profile, backbone, weights, head, seed, validation split),
-             fixed when stage 1 starts;
+  RunConfig  what every stage shares (profile, backbone, weights, head, seed, validation split,
+             the dataset's classes), fixed when stage 1 starts;
   StagePlan  one stage's row of the table with its overrides, and its loss weighting, fixed when
              that stage starts.
 A flag that contradicts a saved record is refused, naming the flag and the way out; a flag left
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kit.cli import PROCESS_START, KitError, session_start
-from kit.config import Head, Profile, Stage, Workdir, override_stage, stage_of
+from kit.config import COMPETITION_CLASSES, Head, Profile, Stage, Workdir, override_stage, stage_of
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,10 @@ class RunConfig:
     head_bn_momentum: float
     seed: int
     val_fraction: float
+    classes: tuple[str, ...] = COMPETITION_CLASSES  # the model's outputs, in order (runs before 0.3: these)
+
+    def __post_init__(self):
+        object.__setattr__(self, "classes", tuple(self.classes))  # a list when read back from JSON
 
     @property
     def head(self) -> Head:
@@ -111,16 +115,24 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def run_config(saved: dict | None, profile: Profile, requested: Requested, workdir: Workdir) -> RunConfig:
-    """The run's config: the saved one once stage 1 has started, refusing flags that contradict it."""
+def run_config(saved: dict | None, profile: Profile, requested: Requested, workdir: Workdir,
+               classes: tuple[str, ...]) -> RunConfig:
+    """The run's config: the saved one once stage 1 has started, refusing flags (or data) that contradict it."""
     from kit.config import SEED, VAL_FRACTION
 
     if saved is None:
         return RunConfig(profile.name, requested.backbone or profile.backbone, requested.weights or profile.weights,
                          profile.head.units, profile.head.dropout, profile.head.bn_momentum,
                          SEED if requested.seed is None else requested.seed,
-                         VAL_FRACTION if requested.val_fraction is None else requested.val_fraction)
+                         VAL_FRACTION if requested.val_fraction is None else requested.val_fraction, tuple(classes))
     config = RunConfig(**saved)
+    if config.classes != tuple(classes):
+        gone, new = sorted(set(config.classes) - set(classes)), sorted(set(classes) - set(config.classes))
+        change = "; ".join(part for part in (gone and f"gone: {', '.join(gone[:5])}",
+                                             new and f"new: {', '.join(new[:5])}") if part) or "their order changed"
+        raise KitError(f"The run in {workdir.weights} was trained on {len(config.classes)} classes and the dataset in "
+                       f"{workdir.data} now has {len(classes)} ({change}). A model cannot continue on other classes: "
+                       "train in another --workdir, or download the dataset the run started with again.")
     wanted = {"profile": profile.name, "backbone": requested.backbone, "weights": requested.weights,
               "seed": requested.seed, "val_fraction": requested.val_fraction}
     clashes = [f"{_flag(k)} {v} (this run: {getattr(config, k)})" for k, v in wanted.items()

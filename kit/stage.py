@@ -108,10 +108,12 @@ def plans_for_all(workdir: Workdir, profile, requested) -> list:
 def train(workdir: Workdir, profile, args: argparse.Namespace) -> str:
     """Run what the flags ask (--step N or --all) under the work directory's lock; 'done' or 'stopped'."""
     from kit import run, stages
+    from kit.download import read_description
 
     requested = requested_from(args)
     with workdir_lock(workdir, "training run"):
-        config = run.run_config(stages.read_manifest(workdir)["config"], profile, requested, workdir)
+        config = run.run_config(stages.read_manifest(workdir)["config"], profile, requested, workdir,
+                                read_description(workdir).classes)
         execution = execution_from(args)
         if args.all:
             given = [f"--{k.replace('_', '-')}" for k, v in requested.stage_overrides.items() if v is not None]

@@ -337,7 +337,7 @@ def prepare_data(workdir: Workdir, plan: StagePlan, config: RunConfig, execution
     if len(train_batches) == 0:
         raise KitError(f"Stage {stage.step} has {len(train)} training images, fewer than one batch of "
                        f"{stage.batch_size}: lower --batch-size (with --restart) or add data.")
-    weights = class_weights(train.Category.to_numpy()) if plan.class_weights else None
+    weights = class_weights(train.Category.to_numpy(), len(config.classes)) if plan.class_weights else None
     return StageData(train_batches, val_batches, weights, len(train), len(val))
 
 
@@ -353,7 +353,8 @@ def prepare_model(workdir: Workdir, plan: StagePlan, config: RunConfig, executio
         tf.config.experimental.enable_op_determinism()
     precision = choose_precision(execution.precision)
     keras.mixed_precision.set_global_policy(precision)
-    model = build_model(config.backbone, stage.image_size, config.weights if stage.step == 1 else "none", config.head)
+    model = build_model(config.backbone, stage.image_size, len(config.classes),
+                        config.weights if stage.step == 1 else "none", config.head)
     set_trainable(model, stage.trainable)
     model.compile(optimizer=keras.optimizers.Adam(stage.lr), loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"], jit_compile={"auto": "auto", "on": True, "off": False}[execution.jit])

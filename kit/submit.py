@@ -3,8 +3,9 @@
     python -m kit.submit --check                      # validate submissions/submission.csv only
     python -m kit.submit --message "B6 7 stages TTA10"
 
-The file is checked against sample-submission.csv first (header, every Id exactly once, integer
-categories 0..9, nothing extra), so a daily submission is never spent on a broken file.
+The file is checked against the competition's sample submission first (its header, every Id
+exactly once, a known label on every row, nothing extra), so a daily submission is never spent on
+a broken file. The competition is the one the data came from (kit.download --competition NAME).
 """
 
 from __future__ import annotations
@@ -15,28 +16,30 @@ from pathlib import Path
 from typing import Sequence
 
 from kit.cli import KitError, add_workdir, main_guard
-from kit.config import COMPETITION, NUM_CLASSES, PROFILES, Workdir
-from kit.download import KaggleClient, dataset_source, kaggle_api, kaggle_errors
+from kit.config import PROFILES, Workdir
+from kit.download import read_description
+from kit.kaggle_api import KaggleClient, kaggle_api, kaggle_errors
 
 MAX_LISTED = 5
 
 
-def validate(submission: Path, sample: Path) -> list[str]:
-    """Every problem of `submission` against the sample submission; empty when it is right."""
+def validate(submission: Path, sample: Path, labels: Sequence[str]) -> list[str]:
+    """Every problem of `submission` against the sample submission and the labels; empty when it is right."""
     if not submission.is_file():
         return [f"{submission} does not exist (run 'python -m kit.predict' first)"]
     with open(sample, newline="") as f:
-        expected = [row[0] for row in csv.reader(f)][1:]
+        sample_rows = list(csv.reader(f))
+    header, expected = sample_rows[0][:2], [row[0] for row in sample_rows[1:]]
     try:
         with open(submission, newline="") as f:
             rows = list(csv.reader(f))
     except (UnicodeDecodeError, csv.Error) as error:
         return [f"{submission} is not a readable CSV file ({error})"]
     if not rows:
-        return [f"{submission} is empty; it needs the header Id,Category and {len(expected)} rows"]
+        return [f"{submission} is empty; it needs the header {','.join(header)} and {len(expected)} rows"]
     problems = []
-    if rows[0] != ["Id", "Category"]:
-        problems.append(f"the header is {','.join(rows[0])!r}, it must be exactly 'Id,Category'")
+    if rows[0] != header:
+        problems.append(f"the header is {','.join(rows[0])!r}, it must be exactly {','.join(header)!r}")
     body = rows[1:]
     wrong_width = [k + 2 for k, row in enumerate(body) if len(row) != 2]
     if wrong_width:
@@ -56,14 +59,12 @@ def validate(submission: Path, sample: Path) -> list[str]:
         problems.append(f"{len(extra)} Ids are not in the sample submission ({_few(extra)})")
     if duplicates:
         problems.append(f"{len(duplicates)} Ids appear more than once ({_few(duplicates)})")
-    bad = [f"{row[0]}={row[1]!r}" for row in body if len(row) == 2 and not _is_category(row[1])]
+    known = set(labels)
+    bad = [f"{row[0]}={row[1]!r}" for row in body if len(row) == 2 and row[1] not in known]
     if bad:
-        problems.append(f"{len(bad)} categories are not integers 0..{NUM_CLASSES - 1} ({_few(bad)})")
+        problems.append(f"{len(bad)} labels are not among the dataset's {len(known)} ({_few(sorted(known))}): "
+                        f"{_few(bad)}")
     return problems
-
-
-def _is_category(text: str) -> bool:
-    return text.strip().isdigit() and int(text) < NUM_CLASSES and text.strip() == text
 
 
 def _few(items: list) -> str:
@@ -71,21 +72,22 @@ def _few(items: list) -> str:
     return shown + (f", ... {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else "")
 
 
-def check(submission: Path, sample: Path) -> None:
-    problems = validate(submission, sample)
+def check(submission: Path, sample: Path, labels: Sequence[str]) -> None:
+    problems = validate(submission, sample, labels)
     if problems:
         raise KitError(f"{submission} would be rejected or mis-scored, so it was not submitted: "
                        + "; ".join(problems) + ". Run 'python -m kit.predict' to write a fresh one.")
 
 
-def submit(submission: Path, sample: Path, message: str, api: KaggleClient | None = None) -> object:
+def submit(submission: Path, sample: Path, labels: Sequence[str], message: str, competition: str,
+           api: KaggleClient | None = None) -> object:
     """Validate, then submit with the kaggle package's API; returns what the API answers."""
-    check(submission, sample)
+    check(submission, sample, labels)
     if not message.strip():
         raise KitError("--message must say something: it is how you will tell your submissions apart.")
     api = api or kaggle_api()
-    with kaggle_errors("Submitting"):
-        return api.competition_submit(str(submission), message, COMPETITION, quiet=False)
+    with kaggle_errors("Submitting", competition=competition):
+        return api.competition_submit(str(submission), message, competition, quiet=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,21 +105,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     workdir = Workdir.resolve(args.workdir, PROFILES[args.profile])
     submission = args.file or workdir.submissions / "submission.csv"
-    if not workdir.sample_submission.is_file():
-        raise KitError(f"{workdir.sample_submission} is missing; it is needed to check the file. Run "
-                       f"'{workdir.command('kit.download')}' first.")
+    description = read_description(workdir)
+    if description.sample_submission is None:
+        raise KitError(f"The dataset in {workdir.data} ({description.origin}) is a set of class folders, not a "
+                       "Kaggle competition: there is nothing to submit to. Its predictions are in "
+                       f"{workdir.submissions / 'predictions.csv'} and its test accuracy in "
+                       f"'{workdir.command('kit.report')}'.")
+    sample = workdir.data / description.sample_submission
     if args.check:
-        check(submission, workdir.sample_submission)
-        print(f"{submission} is valid: every Id of the sample submission once, categories 0..{NUM_CLASSES - 1}.")
+        check(submission, sample, description.labels)
+        print(f"{submission} is valid: every Id of the sample submission once, with one of the "
+              f"{len(description.labels)} labels.")
         return 0
-    if dataset_source(workdir) == "synthetic":
+    if description.source == "synthetic":
         raise KitError(f"{submission} was predicted from the synthetic pictures in {workdir.data} (the smoke "
                        "profile's, or 'kit.download --synthetic'): Kaggle would score it at chance and it would "
                        "spend one of your daily submissions. Train on the competition's data, in a work directory "
                        "of its own, and submit from there.")
-    answer = submit(submission, workdir.sample_submission, args.message)
-    print(f"Submitted {submission} to {COMPETITION}. Kaggle answered: {getattr(answer, 'message', None) or answer}")
-    print(f"See the score with: kaggle competitions submissions {COMPETITION}")
+    answer = submit(submission, sample, description.labels, args.message, description.competition)
+    print(f"Submitted {submission} to {description.competition}. Kaggle answered: "
+          f"{getattr(answer, 'message', None) or answer}")
+    print(f"See the score with: kaggle competitions submissions {description.competition}")
     return 0
 
 

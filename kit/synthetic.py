@@ -17,8 +17,8 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from kit.cli import KitError
-from kit.config import NUM_CLASSES, Workdir
-from kit.download import DESCRIPTION, OLD_MARKER, DatasetSummary, mark_verified
+from kit.config import COMPETITION, COMPETITION_CLASSES, Workdir
+from kit.download import DESCRIPTION, OLD_MARKER, Description, describe
 from kit.files import atomic_path, write_text
 
 TEST_LABELS = "test_labels.csv"  # the answers for a synthetic test set; the real one has none
@@ -58,13 +58,13 @@ def synthetic_image(label: int, rng: np.random.Generator, size: tuple[int, int])
 
 
 def write_synthetic(workdir: Workdir, per_class: int = 100, test: int = 50, seed: int = 42,
-                    size: tuple[int, int] = (640, 480), ids_from: Path | None = None) -> DatasetSummary:
+                    size: tuple[int, int] = (640, 480), ids_from: Path | None = None) -> Description:
     """Write train.csv, sample-submission.csv, train/<c>/<Id>, test_upload/<Id>; deterministic for a seed."""
     if per_class < 1 or test < 0:
         raise KitError("--per-class must be at least 1 and --test at least 0.")
     rng = np.random.default_rng(seed)
     train, test_ids = _choose_ids(rng, per_class, test, ids_from)
-    test_labels = rng.integers(0, NUM_CLASSES, len(test_ids))
+    test_labels = rng.integers(0, len(COMPETITION_CLASSES), len(test_ids))
     data = workdir.data
     for marker in (DESCRIPTION, OLD_MARKER):  # unverified while it is being rewritten
         (data / marker).unlink(missing_ok=True)
@@ -79,22 +79,22 @@ def write_synthetic(workdir: Workdir, per_class: int = 100, test: int = 50, seed
     write_text(data / "train.csv", train.to_csv(index=False))
     write_text(data / "sample-submission.csv", pd.DataFrame({"Id": test_ids, "Category": 0}).to_csv(index=False))
     write_text(data / TEST_LABELS, pd.DataFrame({"Id": test_ids, "Category": test_labels}).to_csv(index=False))
-    return mark_verified(workdir, "synthetic")
+    return describe(workdir, "synthetic", "synthetic pictures", COMPETITION)
 
 
 def _choose_ids(rng: np.random.Generator, per_class: int, test: int,
                 ids_from: Path | None) -> tuple[pd.DataFrame, list[str]]:
     if ids_from is None:
-        numbers = rng.choice(np.arange(1, 400_000), per_class * NUM_CLASSES + test, replace=False)
+        numbers = rng.choice(np.arange(1, 400_000), per_class * len(COMPETITION_CLASSES) + test, replace=False)
         ids = [f"{n}.jpg" for n in numbers]
-        labels = np.repeat(np.arange(NUM_CLASSES), per_class)
+        labels = np.repeat(np.arange(len(COMPETITION_CLASSES)), per_class)
         return pd.DataFrame({"Id": ids[: len(labels)], "Category": labels}), ids[len(labels):]
     train_csv, sample_csv = Path(ids_from) / "train.csv", Path(ids_from) / "sample-submission.csv"
     if not (train_csv.is_file() and sample_csv.is_file()):
         raise KitError(f"--ids-from {ids_from} should hold the competition's train.csv and sample-submission.csv.")
     real = pd.read_csv(train_csv, dtype={"Id": str})
     # Keep the real class proportions: per_class * 10 images in all, each class its share.
-    share = per_class * NUM_CLASSES / len(real)
+    share = per_class * len(COMPETITION_CLASSES) / len(real)
     parts = [group.sample(max(1, round(len(group) * share)), random_state=int(rng.integers(2**31)))
              for _, group in real.groupby("Category")]
     train = pd.concat(parts).sort_index()  # the real file's order

@@ -25,7 +25,7 @@ def test_each_backbone_gets_its_own_preprocessing():
 
 
 def test_efficientnet_unfreezes_whole_blocks_from_the_top_with_batchnorm_frozen():
-    model = build_model("efficientnet-b0", 64, "none")
+    model = build_model("efficientnet-b0", 64, 10, "none")
     base = model.get_layer("backbone")
     blocks = backbone_blocks(base)
     names = [block[0].name.split("_")[0] for block in blocks]
@@ -47,7 +47,7 @@ def test_efficientnet_unfreezes_whole_blocks_from_the_top_with_batchnorm_frozen(
 
 
 def test_residual_networks_split_at_adds():
-    model = build_model("resnet18", 64, "none")
+    model = build_model("resnet18", 64, 10, "none")
     blocks = backbone_blocks(model.get_layer("backbone"))
     assert all(isinstance(block[-1], keras.layers.Add) for block in blocks[:-1]) and len(blocks) == 9
 
@@ -61,11 +61,11 @@ def test_offline_weights_name_the_file_and_where_to_put_it(monkeypatch):
     monkeypatch.setattr(file_utils, "get_file", offline)
     expected = r"efficientnetb0_notop\.h5.*~/.keras/models/efficientnetb0_notop\.h5.*--weights PATH"
     with pytest.raises(KitError, match=expected):
-        build_model("keras-efficientnetb0", 64, "imagenet")
+        build_model("keras-efficientnetb0", 64, 10, "imagenet")
 
 
 def test_unknown_backbone_and_bad_weights_are_explained():
     with pytest.raises(KitError, match="Unknown backbone 'effnet'"):
-        build_model("effnet", 64)
+        build_model("effnet", 64, 10)
     with pytest.raises(KitError, match="neither a file nor"):
-        build_model("efficientnet-b0", 64, "imagenet21k")
+        build_model("efficientnet-b0", 64, 10, "imagenet21k")

@@ -22,7 +22,7 @@ def tiny(units: int = 64, policy: str = "float32", seed: int = 0) -> keras.Model
     keras.backend.clear_session()
     keras.mixed_precision.set_global_policy(policy)
     keras.utils.set_random_seed(seed)
-    model = build_model("tiny-cnn", 32, "none", Head(units, 0.1, 0.9))
+    model = build_model("tiny-cnn", 32, 10, "none", Head(units, 0.1, 0.9))
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
     model.optimizer.build(model.trainable_variables)
     return model

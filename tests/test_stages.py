@@ -20,6 +20,7 @@ from kit import checkpoint
 from kit.cli import KitError
 from kit.config import PROFILES, Workdir, override_stage, stage_of
 from kit.run import Budget, Execution, Requested, StagePlan, run_config
+from kit.download import read_description
 from kit.stages import read_manifest, run_all, run_stage, stage_status, status_table
 
 SMOKE = PROFILES["smoke"]
@@ -35,7 +36,7 @@ def smoke_workdir(root: Path) -> Workdir:
 
 
 def config_of(workdir: Workdir):
-    return run_config(read_manifest(workdir)["config"], SMOKE, Requested(), workdir)
+    return run_config(read_manifest(workdir)["config"], SMOKE, Requested(), workdir, read_description(workdir).classes)
 
 
 def plan(step: int, class_weights: bool = False, **overrides) -> StagePlan:
