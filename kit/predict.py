@@ -334,7 +334,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                   else table.iloc[:, 1].map(dict(zip(read_description(workdir).labels, loaded.classes))).value_counts())
     print("predicted per class: " + ", ".join(f"{name} {counts.get(name, 0)}" for name in loaded.classes))
     if unreadable:
-        print(f"error: {len(unreadable)} images could not be read; their rows hold no prediction of their own:")
+        held = "no class" if "class" in table.columns else "the class prior"
+        print(f"error: {len(unreadable)} images could not be read; their rows hold {held}:")
         for key, why in unreadable.items():
             print(f"  {key}: {why}")
         return 1

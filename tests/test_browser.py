@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from kit.config import CLASS_NAMES, Workdir
+from kit.config import COMPETITION_CLASSES, Workdir
 from kit.predict import load_model, weights_path
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -87,7 +87,7 @@ def test_upload_a_photo_and_read_the_top_label(browser, smoke_run, real_photos, 
         root = browser("DOM.getDocument", depth=-1, pierce=True)["root"]["nodeId"]
         node = browser("DOM.querySelector", nodeId=root, selector="input[type=file]")["nodeId"]
         browser("DOM.setFileInputFiles", files=[str(real_photos[0])], nodeId=node)
-        names = json.dumps(list(CLASS_NAMES))
+        names = json.dumps(list(COMPETITION_CLASSES))
         top = browser.wait_for(f"""(() => {{
             const output = document.querySelector('[data-testid="label-output-value"]');
             const text = output ? output.innerText.trim() : '';

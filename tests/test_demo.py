@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, run_kit
-from kit.config import CLASS_NAMES, Workdir
+from kit.config import COMPETITION_CLASSES, Workdir
 from kit.predict import Predictor, load_model, weights_path
 
 gradio_client = pytest.importorskip("gradio_client")
@@ -37,7 +37,7 @@ def classify(client, path: Path, tta: bool = False) -> dict:
 def assert_ranked(result: dict) -> list[float]:
     confidences = [c["confidence"] for c in result["confidences"]]
     assert len(confidences) == 5 and confidences == sorted(confidences, reverse=True)
-    assert {c["label"] for c in result["confidences"]} <= set(CLASS_NAMES)
+    assert {c["label"] for c in result["confidences"]} <= set(COMPETITION_CLASSES)
     assert result["label"] == result["confidences"][0]["label"]
     return confidences
 

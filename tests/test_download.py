@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import io
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,9 +19,9 @@ import requests
 
 from conftest import ROOT, run_kit, small_synthetic
 from kit.cli import KitError
-from kit.config import COMPETITION, COMPETITION_URL, Workdir
+from kit.config import COMPETITION, COMPETITION_CLASSES, COMPETITION_URL, Workdir
 from kit.dataset import load_split
-from kit.download import download, is_verified, verify
+from kit.download import describe, download, is_verified, read_description
 
 
 def competition_archive(source: Workdir, target: Path) -> Path:
@@ -44,6 +46,12 @@ class FakeKaggle:
 
     def __init__(self, archive: Path | None = None, error: BaseException | None = None):
         self.archive, self.error, self.calls = archive, error, []
+
+    def dataset_download_files(self, dataset, path=None, force=False, quiet=True, unzip=False):
+        self.calls.append((dataset, path))
+        if self.error:
+            raise self.error
+        shutil.copy(self.archive, Path(path) / f"{dataset.split('/')[1]}.zip")
 
     def competition_download_files(self, competition, path=None, force=False, quiet=True):
         self.calls.append((competition, path))
@@ -74,8 +82,9 @@ def archive(tmp_path_factory) -> Path:
 
 def test_synthetic_layout_is_the_competitions(tmp_path):
     workdir = small_synthetic(tmp_path, per_class=3, test=4)
-    summary, problems = verify(workdir.data)
-    assert problems == [] and summary.class_counts == [3] * 10 and summary.test_count == 4
+    description = describe(workdir, "synthetic", "synthetic pictures")
+    assert description.class_counts == (3,) * 10 and description.test_images == 4
+    assert description.classes == COMPETITION_CLASSES and description.labels == tuple("0123456789")
     train = pd.read_csv(workdir.train_csv, dtype={"Id": str})
     assert list(train.columns) == ["Id", "Category"]
     assert all((workdir.train_dir / str(c) / i).is_file() for i, c in zip(train.Id, train.Category))
@@ -98,7 +107,7 @@ def test_replica_in_the_real_id_space(tmp_path, shared):
     assert set(train.Id) <= set(real_train.Id) and set(test.Id) <= set(real_test.Id)
     real_labels = dict(zip(real_train.Id, real_train.Category))
     assert all(real_labels[i] == c for i, c in zip(train.Id, train.Category))
-    assert verify(workdir.data)[1] == []
+    assert read_description(workdir).class_counts == tuple(train.Category.value_counts().sort_index())
     # Class proportions follow the real ones (class 1 is the largest, class 7 the smallest).
     counts = train.Category.value_counts()
     assert counts[1] > counts[7]
@@ -108,7 +117,7 @@ def test_download_through_the_api_unpacks_and_verifies(tmp_path, archive, capsys
     api = FakeKaggle(archive)
     summary = download(Workdir(tmp_path), api=api)
     assert api.calls == [(COMPETITION, str(tmp_path / "downloads"))]
-    assert summary.class_counts == [4] * 10 and summary.test_count == 5
+    assert summary.class_counts == (4,) * 10 and summary.test_images == 5
     assert is_verified(Workdir(tmp_path))
     out = capsys.readouterr().out
     assert "Lada Priora" in out and "test images" in out
@@ -182,7 +191,7 @@ def test_foreign_archive_is_explained(tmp_path):
     foreign = tmp_path / "titanic.zip"
     with zipfile.ZipFile(foreign, "w") as z:
         z.writestr("train.csv", "PassengerId,Survived\n1,0\n")
-    with pytest.raises(KitError, match=f"not the {COMPETITION} archive"):
+    with pytest.raises(KitError, match="No class folders were found"):
         download(Workdir(tmp_path / "work"), zip_path=foreign)
 
 
@@ -223,4 +232,67 @@ def test_kaggle_input_folder(tmp_path, archive):
     with zipfile.ZipFile(archive) as z:
         z.extractall(attached)  # Kaggle attaches the archive's files: CSVs, train.zip, test.zip
     summary = download(Workdir(tmp_path / "work"), from_dir=attached)
-    assert summary.class_counts == [4] * 10 and is_verified(Workdir(tmp_path / "work"))
+    assert summary.class_counts == (4,) * 10 and is_verified(Workdir(tmp_path / "work"))
+
+
+# ---- class-folder layouts -------------------------------------------------------------------------
+
+def photo(path: Path, colour: tuple[int, int, int] = (200, 30, 30)) -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (40, 30), colour).save(path, format="JPEG")
+    return path
+
+
+def test_class_folders_with_a_validation_folder_and_odd_names(tmp_path):
+    names = ["Škoda Octavia", "Lada 2107 (Zhiguli)", "VW, Passat \"B5\""]
+    for k, name in enumerate(names):
+        for i in range(3 + 5 * k):  # imbalanced: 3, 8, 13
+            photo(tmp_path / "cars" / "Train" / name / f"{i}.jpg")
+        photo(tmp_path / "cars" / "valid" / name / "v.png")
+        photo(tmp_path / "cars" / "test" / f"loose{k}.jpg")  # unlabelled test photos
+    workdir = Workdir(tmp_path / "work")
+    description = download(workdir, from_dir=tmp_path / "cars")
+    assert description.classes == tuple(sorted(names)) and description.class_counts == (9, 14, 4)
+    assert description.validation_images == 3 and description.test_images == 3 and not description.test_labelled
+    split = load_split(workdir)
+    assert len(split.val) == 3 and all("/valid/" in p for p in split.val.path)  # the folder, not a random draw
+    assert (workdir.data / "images").is_symlink()  # linked, not copied
+
+
+def test_just_class_folders_two_classes_and_a_196_class_set(tmp_path):
+    for name in ("swift", "wagonr"):
+        photo(tmp_path / "two" / name / "a.jpg")
+    assert download(Workdir(tmp_path / "w2"), from_dir=tmp_path / "two").classes == ("swift", "wagonr")
+    many = [f"Car {k:03d} 2012" for k in range(196)]
+    for name in many:
+        photo(tmp_path / "many" / "train" / name / "a.jpg")
+    description = download(Workdir(tmp_path / "w196"), from_dir=tmp_path / "many")
+    assert description.classes == tuple(many) and sum(description.class_counts) == 196
+
+
+@pytest.mark.parametrize("layout, words", [
+    ({"train/a/1.jpg": 1}, "at least 2"),
+    ({"train/a/1.jpg": 1, "train/b/1.jpg": 1, "valid/c/1.jpg": 1}, "class folders that the training folder lacks: c"),
+    ({"notes/readme.txt": 1}, "No class folders were found"),
+])
+def test_class_folder_mistakes_are_explained(tmp_path, layout, words):
+    for relative in layout:
+        target = tmp_path / "data" / relative
+        photo(target) if target.suffix == ".jpg" else (target.parent.mkdir(parents=True), target.write_text("x"))
+    with pytest.raises(KitError, match=re.escape(words)):
+        download(Workdir(tmp_path / "work"), from_dir=tmp_path / "data")
+    assert not is_verified(Workdir(tmp_path / "work"))
+
+
+def test_a_run_refuses_a_dataset_whose_classes_changed(tmp_path):
+    from kit.config import PROFILES
+    from kit.run import Requested, run_config
+
+    workdir = Workdir(tmp_path)
+    config = run_config(None, PROFILES["smoke"], Requested(), workdir, ("jazz", "mazda"))
+    saved = dataclasses.asdict(config)
+    assert run_config(saved, PROFILES["smoke"], Requested(), workdir, ("jazz", "mazda")) == config
+    with pytest.raises(KitError, match="gone: mazda; new: yaris"):
+        run_config(saved, PROFILES["smoke"], Requested(), workdir, ("jazz", "yaris"))

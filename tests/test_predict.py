@@ -10,11 +10,13 @@ import pytest
 
 from conftest import run_kit, small_synthetic
 from kit.cli import KitError
-from kit.config import COMPETITION, Workdir
+from kit.config import COMPETITION, COMPETITION_CLASSES, Workdir
 from kit.pipeline import Uncached
 from kit.predict import Predictor, load_model, predict_test, weights_path
 from kit.submit import submit, validate
 from test_download import FakeKaggle, http_error
+
+LABELS = [str(k) for k in range(len(COMPETITION_CLASSES))]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +35,7 @@ def test_submission_covers_every_real_id_in_order(tmp_path, shared, smoke_model)
     expected = pd.read_csv(shared / "sample-submission.csv", dtype={"Id": str}).Id
     written = pd.read_csv(workdir.submissions / "submission.csv", dtype={"Id": str})
     assert unreadable == {} and written.Id.tolist() == expected.tolist()
-    assert validate(workdir.submissions / "submission.csv", shared / "sample-submission.csv") == []
+    assert validate(workdir.submissions / "submission.csv", shared / "sample-submission.csv", LABELS) == []
     probabilities = pd.read_csv(workdir.submissions / "probabilities.csv", dtype={"Id": str})
     assert probabilities.Id.tolist() == expected.tolist()
     assert np.allclose(probabilities.iloc[:, 1:].sum(axis=1), 1, atol=1e-4)
@@ -84,10 +86,12 @@ def test_report_writes_metrics_and_pictures(smoke_workdir, smoke_model):
     from kit.report import write_report
 
     metrics = write_report(smoke_workdir, smoke_model, tta=4, seed=42, workers=2)
-    assert set(metrics["accuracy"]) == {"no TTA", "TTA 4"}
+    validation = metrics["validation"]
+    assert set(validation["accuracy"]) == {"no TTA", "TTA 4"} and "test" not in metrics  # synthetic: no labels
     manifest = json.loads(smoke_workdir.manifest.read_text())
-    assert metrics["accuracy"]["no TTA"] == pytest.approx(manifest["stages"]["7"]["best_val_accuracy"])
-    assert np.array(metrics["confusion_matrix"]).sum() == metrics["validation_images"]
+    assert validation["accuracy"]["no TTA"] == pytest.approx(manifest["stages"]["7"]["best_val_accuracy"])
+    assert np.array(validation["confusion_matrix"]).sum() == validation["images"]
+    assert [row["name"] for row in validation["per_class"]] == list(COMPETITION_CLASSES)
     for picture in ("confusion_matrix.png", "curves.png"):
         assert (smoke_workdir.report / picture).read_bytes()[:4] == b"\x89PNG"
 
@@ -108,18 +112,18 @@ def sample(tmp_path):
     ("Id,Category\n1.jpg,0\n2.jpg,1\n", "1 Ids of the sample submission are missing (3.jpg)"),
     ("Id,Category\n1.jpg,0\n2.jpg,1\n3.jpg,2\n3.jpg,2\n", "1 Ids appear more than once (3.jpg)"),
     ("Id,Category\n1.jpg,0\n2.jpg,1\n3.jpg,2\n4.jpg,2\n", "1 Ids are not in the sample submission (4.jpg)"),
-    ("Id,Category\n1.jpg,0\n2.jpg,10\n3.jpg,2\n", "not integers 0..9 (2.jpg='10')"),
-    ("Id,Category\n1.jpg,0\n2.jpg,1.0\n3.jpg,2\n", "not integers 0..9 (2.jpg='1.0')"),
+    ("Id,Category\n1.jpg,0\n2.jpg,10\n3.jpg,2\n", "1 labels are not among the dataset's 10"),
+    ("Id,Category\n1.jpg,0\n2.jpg,1.0\n3.jpg,2\n", "2.jpg='1.0'"),
     ("id,label\n1.jpg,0\n2.jpg,1\n3.jpg,2\n", "must be exactly 'Id,Category'"),
     ("", "is empty"),
 ])
 def test_validator_rejects(tmp_path, sample, content, problem):
     file = tmp_path / "submission.csv"
     file.write_text(content)
-    assert any(problem in p for p in validate(file, sample)), validate(file, sample)
+    assert any(problem in p for p in validate(file, sample, LABELS)), validate(file, sample, LABELS)
     api = FakeKaggle()
     with pytest.raises(KitError, match="was not submitted"):
-        submit(file, sample, "msg", api=api)
+        submit(file, sample, LABELS, "msg", COMPETITION, api=api)
     assert api.calls == []
 
 
@@ -127,11 +131,11 @@ def test_submit_calls_the_api_with_competition_file_and_message(tmp_path, sample
     file = tmp_path / "submission.csv"
     file.write_text("Id,Category\n1.jpg,0\n2.jpg,9\n3.jpg,4\n")
     api = FakeKaggle()
-    answer = submit(file, sample, "B6 seven stages, TTA 10", api=api)
+    answer = submit(file, sample, LABELS, "B6 seven stages, TTA 10", COMPETITION, api=api)
     assert api.calls == [(str(file), "B6 seven stages, TTA 10", COMPETITION)]
     assert answer.message == "Successfully submitted"
     with pytest.raises(KitError, match="rules"):
-        submit(file, sample, "again", api=FakeKaggle(error=http_error(403)))
+        submit(file, sample, LABELS, "again", COMPETITION, api=FakeKaggle(error=http_error(403)))
 
 
 def test_check_command(tmp_path):

@@ -1,0 +1,142 @@
+"""A small Kaggle on localhost:7777 that answers the real kaggle package's calls as Kaggle does.
+
+The kaggle package (2.x) sends RPC-style POSTs to <endpoint>/api/v1/<Service>/<Method>. Its
+KaggleApi honours KAGGLE_API_ENVIRONMENT=LOCALHOST (endpoint http://localhost) but passes its own
+environment to the SDK, so KAGGLE_API_ENVIRONMENT=TEST (localhost:7777) is not reached through it.
+The tests therefore run the kit with LOCALHOST and an HTTP proxy setting that routes
+http://localhost to this server on port 7777: the package, its requests session, its redirects,
+downloads and uploads all run unchanged.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+from dataclasses import dataclass, field
+from email.utils import formatdate
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urlsplit
+
+PORT = 7777
+USER, KEY = "carfan", "0123456789abcdef0123456789abcdef"
+
+
+@dataclass
+class Kaggle:
+    """What the server knows: archives by competition or OWNER/SLUG, who may see what, what it received."""
+
+    competitions: dict[str, Path] = field(default_factory=dict)
+    datasets: dict[str, Path] = field(default_factory=dict)
+    forbidden: set[str] = field(default_factory=set)  # rules not accepted / a private dataset: 403
+    uploads: dict[str, bytes] = field(default_factory=dict)
+    submissions: list[dict] = field(default_factory=list)
+    calls: list[str] = field(default_factory=list)
+
+    def environment(self, config_dir: Path) -> dict[str, str]:
+        """What a kit process needs to reach this server with the real package and these credentials."""
+        proxy = f"http://127.0.0.1:{PORT}"
+        return {"KAGGLE_API_ENVIRONMENT": "LOCALHOST", "KAGGLE_USERNAME": USER, "KAGGLE_KEY": KEY,
+                "KAGGLE_CONFIG_DIR": str(config_dir), "KAGGLE_API_TOKEN": "", "http_proxy": proxy,
+                "HTTP_PROXY": proxy, "no_proxy": "", "NO_PROXY": ""}
+
+
+def serve(kaggle: Kaggle) -> ThreadingHTTPServer:
+    """Start the server in a thread; call .shutdown() and .server_close() when done."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:  # quiet in test output
+            pass
+
+        def _path(self) -> str:
+            return urlsplit(self.path).path  # a proxied request carries the absolute URL
+
+        def _json(self, status: int, body: dict) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _error(self, status: int, message: str) -> None:
+            self._json(status, {"code": status, "message": message})
+
+        def _authorised(self) -> bool:
+            expected = "Basic " + base64.b64encode(f"{USER}:{KEY}".encode()).decode()
+            if self.headers.get("Authorization") != expected:
+                self._error(401, "Unauthenticated")
+                return False
+            return True
+
+        def _redirect_to(self, location: str) -> None:
+            self.send_response(302)
+            self.send_header("Location", location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def do_POST(self) -> None:
+            path = self._path()
+            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+            kaggle.calls.append(path.rsplit("/", 1)[-1])
+            if not self._authorised():
+                return
+            if path.endswith("CompetitionApiService/DownloadDataFiles"):
+                self._download(body["competitionName"], kaggle.competitions, "competitions")
+            elif path.endswith("DatasetApiService/DownloadDataset"):
+                self._download(f"{body['ownerSlug']}/{body['datasetSlug']}", kaggle.datasets, "datasets")
+            elif path.endswith("CompetitionApiService/StartSubmissionUpload"):
+                name = body.get("competitionName")
+                if name not in kaggle.competitions:
+                    return self._error(404, f"Competition {name} not found")
+                if name in kaggle.forbidden:
+                    return self._error(403, "You must accept this competition's rules before you can submit")
+                token = f"token{len(kaggle.uploads)}"
+                self._json(200, {"token": token, "createUrl": f"http://localhost/upload/{token}"})
+            elif path.endswith("CompetitionApiService/CreateSubmission"):
+                kaggle.submissions.append(body)
+                self._json(200, {"message": "Successfully submitted to the competition", "ref": len(kaggle.submissions)})
+            else:
+                self._error(404, f"Not found: {path}")
+
+        def _download(self, name: str, known: dict[str, Path], kind: str) -> None:
+            if name not in known:
+                return self._error(404, f"{kind[:-1].capitalize()} {name} not found")
+            if name in kaggle.forbidden:
+                return self._error(403, "Permission denied")
+            self._redirect_to(f"http://localhost/files/{kind}/{name.replace('/', '__')}.zip")
+
+        def do_GET(self) -> None:
+            path = self._path()
+            for kind, known in (("competitions", kaggle.competitions), ("datasets", kaggle.datasets)):
+                for name, archive in known.items():
+                    if path == f"/files/{kind}/{name.replace('/', '__')}.zip":
+                        data = archive.read_bytes()
+                        self.send_response(200)
+                        self.send_header("Content-Type", "application/zip")
+                        self.send_header("Content-Length", str(len(data)))
+                        self.send_header("Last-Modified", formatdate(archive.stat().st_mtime, usegmt=True))
+                        self.end_headers()
+                        self.wfile.write(data)
+                        return
+            self._error(404, "No such file")
+
+        def do_PUT(self) -> None:
+            token = self._path().rsplit("/", 1)[-1]
+            kaggle.uploads[token] = self._body()
+            self._json(200, {})
+
+        def _body(self) -> bytes:
+            if self.headers.get("Transfer-Encoding", "").lower() != "chunked":
+                return self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            data = b""
+            while size := int(self.rfile.readline().strip(), 16):
+                data += self.rfile.read(size)
+                self.rfile.readline()
+            self.rfile.readline()
+            return data
+
+    server = ThreadingHTTPServer(("127.0.0.1", PORT), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server

@@ -1,0 +1,129 @@
+"""Real photos end to end: a class-folder subset of Stanford Cars through every command, smoke-sized.
+
+Download from the folder, all seven stages, the report on its labelled test folder, predictions
+for a folder of photos, and the demo naming its classes, each as a user runs it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import ROOT, run_kit
+
+STANFORD5 = Path(__file__).resolve().parents[2] / "shared" / "real-cars" / "stanford5"
+CLASSES = ["jazz", "mazda", "mini cooper", "outlander", "yaris"]
+
+
+@pytest.fixture(scope="module")
+def stanford(tmp_path_factory) -> Path:
+    """The work directory root of a finished smoke-profile run on stanford5 (the smoke run lives in <root>/smoke)."""
+    if not STANFORD5.is_dir():
+        pytest.skip(f"the real class-folder photos are not at {STANFORD5}")
+    root = tmp_path_factory.mktemp("stanford5")
+    for command in (("kit.download", "--from-dir", str(STANFORD5)), ("kit.stage", "--all")):
+        result = run_kit(*command, "--profile", "smoke", "--workdir", str(root))
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return root
+
+
+def smoke(root: Path, *args: str) -> tuple[str, ...]:
+    return (*args, "--profile", "smoke", "--workdir", str(root))
+
+
+def test_report_scores_the_labelled_test_folder(stanford):
+    result = run_kit(*smoke(stanford, "kit.report", "--tta", "4"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = stanford / "smoke" / "submissions" / "report"
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["classes"] == CLASSES
+    assert metrics["test"]["images"] == 173 and metrics["validation"]["images"] == 96
+    assert [row["support"] for row in metrics["test"]["per_class"]] == [29, 38, 47, 14, 45]
+    assert metrics["test"]["accuracy"]["TTA 4"] > 0.25  # chance is 0.2 (+-0.03 on 173 photos)
+    assert (report / "confusion_matrix_test.png").read_bytes()[:4] == b"\x89PNG"
+    assert "mini cooper" in (report / "summary.txt").read_text()
+
+
+def test_report_on_another_labelled_folder(stanford, tmp_path):
+    for name in ("mazda", "yaris"):
+        shutil.copytree(STANFORD5 / "test" / name, tmp_path / "mine" / name)
+    result = run_kit(*smoke(stanford, "kit.report", "--tta", "0", "--test-dir", str(tmp_path / "mine")))
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((stanford / "smoke" / "submissions" / "report" / "metrics.json").read_text())
+    assert metrics["test"]["images"] == 38 + 45
+    (tmp_path / "mine" / "Hummer").mkdir()
+    shutil.copy(next((STANFORD5 / "test" / "jazz").iterdir()), tmp_path / "mine" / "Hummer" / "h.jpg")
+    refused = run_kit(*smoke(stanford, "kit.report", "--test-dir", str(tmp_path / "mine")))
+    message = " ".join(refused.stderr.split())
+    assert refused.returncode == 2 and "not trained on: Hummer" in message and "Traceback" not in refused.stderr
+
+
+def test_predict_a_folder_of_photos(stanford, tmp_path):
+    folder = tmp_path / "photos"
+    photos = sorted((STANFORD5 / "test" / "outlander").iterdir())[:3]
+    (folder / "trip" / "day 2").mkdir(parents=True)
+    shutil.copy(photos[0], folder / "a.jpg")
+    shutil.copy(photos[1], folder / "trip" / "day 2" / "b.JPG")
+    shutil.copy(photos[2], folder / "trip" / "c.jpeg")
+    (folder / "list.txt").write_text("not a photo")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut off")
+    out = tmp_path / "named.csv"
+    result = run_kit(*smoke(stanford, "kit.predict", "--folder", str(folder), "--out", str(out), "--tta", "2"))
+    assert result.returncode == 1 and "broken.jpg" in result.stdout  # listed, and the exit says so
+    assert "Skipped 1 files that are not images: list.txt" in result.stdout
+    table = pd.read_csv(out, keep_default_na=False)
+    assert list(table.columns) == ["path", "class", "probability", *CLASSES]
+    assert sorted(table.path) == ["a.jpg", "broken.jpg", "trip/c.jpeg", "trip/day 2/b.JPG"]
+    readable = table[table.path != "broken.jpg"]
+    assert set(readable["class"]) <= set(CLASSES)
+    assert (readable[CLASSES].astype(float).sum(axis=1) - 1).abs().max() < 1e-4
+    assert table.loc[table.path == "broken.jpg", "class"].item() == ""
+
+
+def test_predict_writes_the_test_folders_predictions(stanford):
+    result = run_kit(*smoke(stanford, "kit.predict", "--tta", "0"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = pd.read_csv(stanford / "smoke" / "submissions" / "predictions.csv")
+    assert len(table) == 173 and table.Id.str.startswith("test/").all()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_demo_names_the_datasets_classes(stanford):
+    gradio_client = pytest.importorskip("gradio_client")
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", *smoke(stanford, "kit.demo", "--port", str(port))],
+                               cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        client = None
+        for _ in range(120):
+            try:
+                client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
+                break
+            except Exception:  # not listening yet
+                assert process.poll() is None, process.stdout.read()[-2000:]
+                time.sleep(0.5)
+        assert client is not None
+        photo = sorted((STANFORD5 / "test" / "mini cooper").iterdir())[0]
+        result = client.predict(gradio_client.handle_file(str(photo)), False, api_name="/classify")
+        assert {c["label"] for c in result["confidences"]} == set(CLASSES)
+        page = urllib.request.urlopen(f"http://127.0.0.1:{port}/config").read().decode()
+        assert "one of 5 models (jazz, mazda, mini cooper, outlander, yaris)" in page
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
