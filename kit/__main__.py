@@ -52,6 +52,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if train(workdir, profile, args) != "done":
         return EXIT_STOPPED  # stopped cleanly with a checkpoint; the same command continues
 
+    from kit.dataset import read_test
+
+    if read_test(workdir).empty:
+        print(f"No test images in {workdir.data}: training is done. Name any photos with "
+              f"'{workdir.command('kit.predict', '--folder', 'DIR')}'.")
+        return EXIT_DONE
     print(f"== prediction (TTA {args.tta})")
     loaded = predict.load_model(predict.weights_path(workdir))
     print(f"Model: {loaded.describe()}")

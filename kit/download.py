@@ -118,11 +118,6 @@ def is_verified(workdir: Workdir) -> bool:
     return (workdir.data / DESCRIPTION).is_file() or (workdir.data / OLD_MARKER).is_file()
 
 
-def dataset_source(workdir: Workdir) -> str:
-    """'kaggle', 'kaggle-dataset', 'zip', 'folder', 'synthetic', or 'unknown'."""
-    return read_description(workdir).source if is_verified(workdir) else "unknown"
-
-
 def require_dataset(workdir: Workdir) -> None:
     """Refuse to train or predict on a dataset that was not fully unpacked and verified."""
     if not is_verified(workdir):
@@ -166,11 +161,13 @@ def image_files(root: Path) -> Iterator[Path]:
             yield Path(folder) / name
 
 
-def _is_hidden(relative: PurePosixPath) -> bool:
+def is_hidden(relative: PurePosixPath) -> bool:
+    """Dot files and folders, and the __MACOSX folder zips made on a Mac carry."""
     return any(part.startswith(".") or part == "__MACOSX" for part in relative.parts)
 
 
-def _is_image(path: PurePosixPath) -> bool:
+def is_image(path: PurePosixPath) -> bool:
+    """By extension, as a folder is listed; decoding is checked later, and unreadable photos are listed then."""
     return path.suffix.lower() in IMAGE_SUFFIXES
 
 
@@ -185,7 +182,7 @@ def _child(folder: Path, names: Sequence[str]) -> Path | None:
 def _has_class_folders(folder: Path) -> bool:
     """At least one subfolder holding images directly."""
     return any(child.is_dir() and not child.name.startswith(".") and any(
-        f.is_file() and _is_image(PurePosixPath(f.name)) for f in child.iterdir()) for child in folder.iterdir())
+        f.is_file() and is_image(PurePosixPath(f.name)) for f in child.iterdir()) for child in folder.iterdir())
 
 
 def find_split_root(root: Path, depth: int = 4) -> tuple[Path, dict[str, Path | None]]:
@@ -205,7 +202,7 @@ def find_split_root(root: Path, depth: int = 4) -> tuple[Path, dict[str, Path | 
             if _has_class_folders(folder) and _child(folder, SUBSET_NAMES["train"]) is None:
                 return folder, {"train": folder, "val": None, "test": None}
         level = [child for folder in level for child in sorted(folder.iterdir())
-                 if child.is_dir() and not _is_hidden(PurePosixPath(child.name))]
+                 if child.is_dir() and not is_hidden(PurePosixPath(child.name))]
     raise KitError(f"No class folders were found in {root}: expected train/<class>/<photos> (with optional "
                    "valid/<class>/ and test/<class>/ or test/<photos>), or <class>/<photos>. Point --from-dir "
                    "or --zip at such a folder or archive.")
@@ -224,9 +221,9 @@ def folder_index(root: Path, data: Path) -> tuple[pd.DataFrame, list[str], dict]
             relative = PurePosixPath(path.relative_to(folder).as_posix())
             shown = (PurePosixPath(path.relative_to(split_root).as_posix()).as_posix()
                      if folder != split_root else relative.as_posix())
-            if _is_hidden(relative):
+            if is_hidden(relative):
                 skipped["hidden files"].append(shown)
-            elif not _is_image(relative):
+            elif not is_image(relative):
                 skipped["files that are not images"].append(shown)
             elif len(relative.parts) == 1:
                 if subset == "test":
@@ -264,7 +261,7 @@ def folder_index(root: Path, data: Path) -> tuple[pd.DataFrame, list[str], dict]
 def find_tables(data: Path) -> tuple[Path, Path]:
     """The training table and the sample submission of a competition, the shallowest of each."""
     csvs = sorted(data.rglob("*.csv"), key=lambda p: (len(p.relative_to(data).parts), p.name))
-    csvs = [p for p in csvs if p.name not in (INDEX,) and not _is_hidden(PurePosixPath(p.relative_to(data).as_posix()))]
+    csvs = [p for p in csvs if p.name not in (INDEX,) and not is_hidden(PurePosixPath(p.relative_to(data).as_posix()))]
     samples = [p for p in csvs if "sample" in p.name.lower() or "submission" in p.name.lower()]
     trains = [p for p in csvs if p.stem.lower() in ("train", "labels", "train_labels", "trainlabels")]
     if not samples or not trains:
@@ -312,7 +309,7 @@ def table_index(data: Path, competition: str) -> tuple[pd.DataFrame, list[str], 
     files: dict[str, list[str]] = defaultdict(list)
     for path in image_files(data):
         relative = PurePosixPath(path.relative_to(data).as_posix())
-        if _is_image(relative) and not _is_hidden(relative):
+        if is_image(relative) and not is_hidden(relative):
             files[relative.name].append(relative.as_posix())
             files[relative.stem].append(relative.as_posix())  # tables often give ids without the extension
     number = {label: k for k, label in enumerate(labels)}
@@ -347,31 +344,52 @@ def download(workdir: Workdir, api: KaggleClient | None = None, zip_path: Path |
              force: bool = False, from_dir: Path | None = None, competition: str | None = None,
              dataset: str | None = None) -> Description:
     """Make <workdir>/data a verified, described copy of the dataset; do nothing when it already is."""
-    if is_verified(workdir) and not force:
-        print(f"The dataset in {workdir.data} is already verified; nothing to do.")
-        return read_description(workdir)
+    wanted = requested_origin(zip_path, from_dir, dataset, competition)
+    if is_verified(workdir):
+        held = read_description(workdir)
+        if held.origin != wanted and (workdir.data / INDEX).is_file():  # kit 0.2 recorded no origin
+            raise KitError(f"{workdir.data} already holds {held.origin} ({len(held.classes)} classes), not {wanted}. "
+                           "A work directory holds one dataset and the runs trained on it: use another --workdir "
+                           f"for {wanted} (or delete {workdir.data} to replace it).")
+        if not force:
+            print(f"The dataset in {workdir.data} is already verified; nothing to do.")
+            return held
     for marker in (DESCRIPTION, OLD_MARKER):  # unverified while it changes
         (workdir.data / marker).unlink(missing_ok=True)
     if from_dir is not None:
-        source, origin = "folder", str(Path(from_dir).resolve())
+        source = "folder"
         place_folder(Path(from_dir), workdir.data)
     elif zip_path is not None:
-        source, origin = "zip", str(Path(zip_path).resolve())
+        source = "zip"
         unpack_archive(_given_archive(zip_path), workdir.data)
     elif dataset is not None:
-        source, origin = "kaggle-dataset", dataset
+        source = "kaggle-dataset"
         unpack_archive(fetch_dataset(workdir, dataset, api), workdir.data, class_folders=True)
     else:
-        source, origin = "kaggle", competition or COMPETITION
-        unpack_archive(fetch_competition(workdir, origin, api), workdir.data, table=True)
+        source = "kaggle"
+        unpack_archive(fetch_competition(workdir, wanted, api), workdir.data, table=True)
     if (workdir.data / IMAGES).is_dir() and competition:
         raise KitError(f"--competition {competition} was given, but the data is a set of class folders, not a "
                        "competition's tables. Drop --competition for a class-folder dataset.")
-    description = describe(workdir, source, origin, competition)
+    description = describe(workdir, source, wanted, competition)
     for inner in workdir.data.glob("*.zip"):  # unpacked and verified: gigabytes of duplicates on a Drive quota
         inner.unlink()
     print(description)
     return description
+
+
+def requested_origin(zip_path: Path | None, from_dir: Path | None, dataset: str | None,
+                     competition: str | None) -> str:
+    """What the flags name: a competition however its files arrive, else the Kaggle dataset, archive or folder."""
+    if dataset:
+        return dataset
+    if from_dir is not None and Path(from_dir).is_dir() and not any(Path(from_dir).glob("*.csv")):
+        return str(Path(from_dir).resolve())
+    if zip_path is not None and _is_complete_zip(Path(zip_path)):
+        with zipfile.ZipFile(zip_path) as z:
+            if not is_table_archive(z.namelist()):
+                return str(Path(zip_path).resolve())
+    return competition or COMPETITION
 
 
 def place_folder(folder: Path, data: Path) -> None:

@@ -30,7 +30,7 @@ from kit.augment import plain_transform, tta_transform, tta_views
 from kit.cli import KitError, add_workdir, main_guard
 from kit.config import PROFILES, SEED, STEPS, TTA_VIEWS, Workdir, stage_of
 from kit.dataset import UnreadableImage, load_resized, read_test, read_train
-from kit.download import _is_hidden, _is_image, image_files, read_description
+from kit.download import is_hidden, is_image, image_files, read_description
 from kit.files import write_text
 from kit.pipeline import DEFAULT_WORKERS, cache_short_side, default_cache_root, open_cache, ordered_map
 
@@ -255,7 +255,7 @@ def photos_in(folder: Path) -> tuple[list[Path], list[str]]:
     photos, skipped = [], []
     for path in image_files(folder):
         relative = path.relative_to(folder)
-        if _is_hidden(relative) or not _is_image(relative):
+        if is_hidden(relative) or not is_image(relative):
             skipped.append(relative.as_posix())
         else:
             photos.append(path)

@@ -21,7 +21,7 @@ import numpy as np
 from kit.cli import KitError, add_workdir, main_guard
 from kit.config import SEED, STEPS, VAL_FRACTION, Workdir
 from kit.dataset import drop_unreadable, load_split, read_test
-from kit.download import _is_hidden, _is_image, image_files, read_description
+from kit.download import is_hidden, is_image, image_files, read_description
 from kit.files import write_text
 from kit.pipeline import DEFAULT_WORKERS, default_cache_root, open_cache, open_training_cache
 from kit.plots import plot_confusion, plot_curves
@@ -88,7 +88,7 @@ def labelled_folder(folder: Path, classes: Sequence[str]) -> tuple[list[str], np
     paths, labels, unknown = [], [], set()
     for path in image_files(folder):
         relative = path.relative_to(folder)
-        if len(relative.parts) != 2 or _is_hidden(relative) or not _is_image(relative):
+        if len(relative.parts) != 2 or is_hidden(relative) or not is_image(relative):
             continue
         if relative.parts[0] not in number:
             unknown.add(relative.parts[0])

@@ -296,3 +296,13 @@ def test_a_run_refuses_a_dataset_whose_classes_changed(tmp_path):
     assert run_config(saved, PROFILES["smoke"], Requested(), workdir, ("jazz", "mazda")) == config
     with pytest.raises(KitError, match="gone: mazda; new: yaris"):
         run_config(saved, PROFILES["smoke"], Requested(), workdir, ("jazz", "yaris"))
+
+
+def test_a_work_directory_holds_one_dataset(tmp_path, archive):
+    for name in ("swift", "wagonr"):
+        photo(tmp_path / "two" / name / "a.jpg")
+    workdir = Workdir(tmp_path / "work")
+    download(workdir, zip_path=archive)
+    with pytest.raises(KitError, match=f"already holds {COMPETITION} .*use another --workdir"):
+        download(workdir, from_dir=tmp_path / "two")
+    assert read_description(workdir).classes == COMPETITION_CLASSES
