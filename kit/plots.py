@@ -1,4 +1,4 @@
-"""The pictures people look at instead of tables: training curves and the confusion matrix."""
+"""The pictures people look at instead of tables: training curves, the confusion matrix, photo galleries."""
 
 from __future__ import annotations
 
@@ -60,6 +60,24 @@ def plot_confusion(matrix: np.ndarray, names: Sequence[str], path: Path, title: 
             if matrix[i, j]:
                 ax.text(j, i, int(matrix[i, j]), ha="center", va="center",
                         color="white" if rates[i, j] > 0.5 else "black", fontsize=9)
+    figure.tight_layout()
+    _save(figure, path)
+    plt.close(figure)
+
+
+def plot_gallery(photos: Sequence[np.ndarray], captions: Sequence[str], path: Path, title: str,
+                 columns: int = 4) -> None:
+    """Photos in a grid, each with its caption (the report's top losses)."""
+    import matplotlib.pyplot as plt
+
+    rows = max(1, -(-len(photos) // columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(3.3 * columns, 3.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, photo, caption in zip(axes.flat, photos, captions):
+        ax.imshow(photo)
+        ax.set_title(caption, fontsize=8)
+    figure.suptitle(title)
     figure.tight_layout()
     _save(figure, path)
     plt.close(figure)

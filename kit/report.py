@@ -4,8 +4,9 @@
     python -m kit.report --test-dir DIR    # also score a labelled class-folder set: DIR/<class>/<photos>
 
 Writes submissions/report/: summary.txt, metrics.json, confusion_matrix.png (validation, with TTA),
-confusion_matrix_test.png (the test set, when there is one) and curves.png (every stage's
-accuracy and loss side by side). Metrics come from scikit-learn.
+confusion_matrix_test.png (the test set, when there is one), top_losses.png (the validation photos
+the model got most wrong), curves.png (every stage's accuracy and loss side by side), and
+validation_probabilities.csv (test_probabilities.csv) for kit.ensemble. Metrics come from scikit-learn.
 """
 
 from __future__ import annotations
@@ -20,12 +21,16 @@ import numpy as np
 
 from kit.cli import KitError, add_workdir, main_guard
 from kit.config import SEED, STEPS, VAL_FRACTION, Workdir
-from kit.dataset import drop_unreadable, load_split, read_test
+from kit.dataset import drop_unreadable, load_resized, load_split, read_test
 from kit.download import is_hidden, is_image, image_files, read_description
 from kit.files import write_text
 from kit.pipeline import DEFAULT_WORKERS, default_cache_root, open_cache, open_training_cache
-from kit.plots import plot_confusion, plot_curves
-from kit.predict import DecodedImages, LoadedModel, Predictor, add_model_options, check_classes, model_from_args
+from kit.plots import plot_confusion, plot_curves, plot_gallery
+from kit.predict import (DecodedImages, LoadedModel, Predictor, add_model_options, check_classes, model_from_args,
+                         probability_table)
+
+TOP_LOSSES = 16  # photos in the gallery: a 4x4 grid
+GALLERY_SIDE = 192  # the gallery shows the photo itself (shorter side in pixels), not the model's crop
 
 
 def per_class(labels: np.ndarray, predicted: np.ndarray, classes: Sequence[str]) -> tuple[np.ndarray, list[dict]]:
@@ -63,8 +68,8 @@ def stage_histories(workdir: Workdir) -> dict[str, list[dict]]:
 
 
 def evaluate(loaded: LoadedModel, images, keys: Sequence[str], labels: np.ndarray, tta: int, seed: int,
-             workers: int) -> dict:
-    """Accuracy with one view and with `tta` views; the last one's matrix and per-class figures."""
+             workers: int) -> tuple[dict, np.ndarray]:
+    """Accuracy with one view and with `tta` views; the last one's matrix, per-class figures and probabilities."""
     results = {}
     for views in sorted({1, max(tta, 1)}):
         probs, unreadable = Predictor(loaded, views, seed, workers).predict_many(images, list(keys))
@@ -72,12 +77,29 @@ def evaluate(loaded: LoadedModel, images, keys: Sequence[str], labels: np.ndarra
         predicted = probs[scored].argmax(axis=1)
         name = "no TTA" if views == 1 else f"TTA {views}"
         results[name] = {"accuracy": float((predicted == labels[scored]).mean()), "images": int(scored.sum()),
-                         "unreadable": unreadable, "labels": labels[scored], "predicted": predicted}
+                         "unreadable": unreadable, "labels": labels[scored], "predicted": predicted, "probs": probs}
     best = results[list(results)[-1]]
     matrix, rows = per_class(best["labels"], best["predicted"], loaded.classes)
     return {"accuracy": {name: r["accuracy"] for name, r in results.items()}, "images": best["images"],
             "best": list(results)[-1], "per_class": rows, "confusion_matrix": matrix.tolist(),
-            "unreadable": best["unreadable"]}
+            "unreadable": best["unreadable"]}, best["probs"]
+
+
+def top_losses(probs: np.ndarray, labels: np.ndarray, count: int) -> np.ndarray:
+    """Rows of the `count` photos with the highest cross-entropy loss, worst first (fastai's plot_top_losses)."""
+    scored = np.flatnonzero(~np.isnan(probs).any(axis=1))
+    losses = -np.log(np.clip(probs[scored, labels[scored]], 1e-12, 1))
+    return scored[np.argsort(-losses, kind="stable")[:count]]
+
+
+def write_top_losses(probs: np.ndarray, labels: np.ndarray, paths: Sequence[str], classes: Sequence[str],
+                     path: Path, count: int = TOP_LOSSES) -> None:
+    """The gallery of the photos the model got most wrong, with true and predicted names and probabilities."""
+    rows = top_losses(probs, labels, count)
+    photos = [load_resized(paths[k], GALLERY_SIDE) for k in rows]
+    captions = [f"true: {classes[labels[k]]} ({probs[k, labels[k]]:.2f})\n"
+                f"predicted: {classes[probs[k].argmax()]} ({probs[k].max():.2f})" for k in rows]
+    plot_gallery(photos, captions, path, f"validation photos with the highest loss ({len(rows)} of {len(labels)})")
 
 
 def labelled_folder(folder: Path, classes: Sequence[str]) -> tuple[list[str], np.ndarray]:
@@ -104,14 +126,14 @@ def labelled_folder(folder: Path, classes: Sequence[str]) -> tuple[list[str], np
 
 
 def validation_set(workdir: Workdir, loaded: LoadedModel, workers: int):
-    """The run's validation images from the training cache, their Ids and labels."""
+    """The run's validation images from the training cache, their Ids, labels and files."""
     from kit.stages import read_manifest
 
     config = read_manifest(workdir)["config"] or {}
     split = load_split(workdir, config.get("val_fraction", VAL_FRACTION), config.get("seed", SEED))
     cache, position = open_training_cache(default_cache_root(workdir.cache), split, loaded.image_size, workers)
     val = drop_unreadable(split.val, cache.unreadable, "validation")
-    return _Subset(cache, [position[p] for p in val.path]), list(val.Id), val.Category.to_numpy()
+    return _Subset(cache, [position[p] for p in val.path]), list(val.Id), val.Category.to_numpy(), list(val.path)
 
 
 def test_set(workdir: Workdir, loaded: LoadedModel, workers: int, test_dir: Path | None):
@@ -119,12 +141,12 @@ def test_set(workdir: Workdir, loaded: LoadedModel, workers: int, test_dir: Path
     if test_dir is not None:
         paths, labels = labelled_folder(Path(test_dir), loaded.classes)
         keys = [str(Path(p).relative_to(test_dir)) for p in paths]
-        return DecodedImages(paths, Predictor(loaded, 1).short_side), keys, labels, str(test_dir)
+        return DecodedImages(paths, Predictor(loaded, 1).short_side), keys, labels, paths, str(test_dir)
     if not read_description(workdir).test_labelled:
         return None
     test = read_test(workdir)
     cache = open_cache(default_cache_root(workdir.cache), "test", list(test.path), loaded.image_size, workers)
-    return cache, list(test.Id), test.Category.to_numpy(int), "the dataset's test folder"
+    return cache, list(test.Id), test.Category.to_numpy(int), list(test.path), "the dataset's test folder"
 
 
 def write_report(workdir: Workdir, loaded: LoadedModel, tta: int, seed: int, workers: int = DEFAULT_WORKERS,
@@ -135,13 +157,19 @@ def write_report(workdir: Workdir, loaded: LoadedModel, tta: int, seed: int, wor
     sections = {"validation": validation_set(workdir, loaded, workers)}
     test = test_set(workdir, loaded, workers, test_dir)
     if test is not None:
-        sections["test"] = test[:3]
+        sections["test"] = test[:4]
     metrics = {"model": loaded.describe(), "classes": list(loaded.classes)}
     summary = [f"Model: {loaded.describe()}"]
-    for name, (images, keys, labels) in sections.items():
-        result = evaluate(loaded, images, keys, labels, tta, seed, workers)
+    for name, (images, keys, labels, paths) in sections.items():
+        result, probs = evaluate(loaded, images, keys, labels, tta, seed, workers)
         metrics[name] = result
-        source = f" ({test[3]})" if name == "test" else ""
+        # With the true class, for kit.ensemble to score combinations on the same photos.
+        table = probability_table(keys, probs, loaded.classes)
+        table.insert(1, "label", [loaded.classes[k] for k in labels])
+        write_text(folder / f"{name}_probabilities.csv", table.to_csv(index=False))
+        if name == "validation":
+            write_top_losses(probs, labels, paths, loaded.classes, folder / "top_losses.png")
+        source = f" ({test[4]})" if name == "test" else ""
         summary += ["", f"{name.capitalize()} images{source}: {result['images']}"]
         summary += [f"accuracy ({view}): {accuracy:.4f}" for view, accuracy in result["accuracy"].items()]
         summary += [f"unreadable, not scored: {', '.join(result['unreadable'])}"] if result["unreadable"] else []
@@ -155,7 +183,8 @@ def write_report(workdir: Workdir, loaded: LoadedModel, tta: int, seed: int, wor
     write_text(folder / "summary.txt", text + "\n")
     write_text(folder / "metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False))
     print(text)
-    print(f"Report written to {folder} (summary.txt, metrics.json, confusion matrices, curves.png)")
+    print(f"Report written to {folder} (summary.txt, metrics.json, confusion matrices, top_losses.png, curves.png, "
+          "probabilities)")
     return metrics
 
 
