@@ -3,10 +3,12 @@
     python bench/real_cars.py                         # stanford5, smoke profile, seeds 1 2 3
     python bench/real_cars.py --seeds 1 2 3 4 5
     python bench/real_cars.py --train-args "--class-weights"   # any kit.stage flags, for a comparison
+    python bench/real_cars.py --folds 5               # the 5 folds of one seed instead of several seeds
 
-Each seed is a full user run in its own work directory and processes: kit.download --from-dir,
-kit.stage --all --seed S, kit.report (validation, and the dataset's labelled test folder). It
-prints one row per seed, then the mean +- standard deviation and the ratio to chance.
+Each run is a full user run in its own work directory and processes: kit.download --from-dir,
+kit.stage --all --seed S (--fold K/N), kit.report (validation, and the dataset's labelled test
+folder), kit.predict. It prints one row per run, the mean +- standard deviation and the ratio
+to chance, then the test accuracy of kit.ensemble over all the runs.
 """
 
 from __future__ import annotations
@@ -16,12 +18,15 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 STANFORD5 = ROOT.parent / "shared" / "real-cars" / "stanford5"
@@ -34,20 +39,29 @@ def kit(*args: str) -> None:
         raise SystemExit(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
 
 
-def one_seed(data: Path, seed: int, profile: str, train_args: list[str], tta: int) -> dict:
-    """Download, train and report in a fresh work directory; the report's figures and the wall time."""
-    with tempfile.TemporaryDirectory() as folder:
-        where = ["--profile", profile, "--workdir", folder]
-        started = time.time()
-        kit("kit.download", "--from-dir", str(data), *where)
-        kit("kit.stage", "--all", "--seed", str(seed), *train_args, *where)
-        trained = time.time() - started
-        kit("kit.report", "--tta", str(tta), *where)
-        report = Path(folder, "smoke" if profile == "smoke" else "", "submissions", "report", "metrics.json")
-        metrics = json.loads(report.read_text())
+def one_run(data: Path, folder: Path, seed: int, fold: str, profile: str, train_args: list[str], tta: int) -> dict:
+    """Download, train, report and predict in a fresh work directory; the report's figures and the wall time."""
+    where = ["--profile", profile, "--workdir", str(folder)]
+    started = time.time()
+    kit("kit.download", "--from-dir", str(data), *where)
+    kit("kit.stage", "--all", "--seed", str(seed), *(["--fold", fold] if fold else []), *train_args, *where)
+    trained = time.time() - started
+    kit("kit.report", "--tta", str(tta), *where)
+    kit("kit.predict", "--tta", str(tta), *where)
+    workdir = folder / ("smoke" if profile == "smoke" else "")
+    metrics = json.loads((workdir / "submissions" / "report" / "metrics.json").read_text())
     test = metrics["test"]["accuracy"]
-    return {"seed": seed, "val": metrics["validation"]["accuracy"]["no TTA"], "test": test["no TTA"],
-            "test_tta": test[f"TTA {tta}"], "classes": len(metrics["classes"]), "train_s": trained}
+    return {"run": fold or str(seed), "val": metrics["validation"]["accuracy"]["no TTA"], "test": test["no TTA"],
+            "test_tta": test[f"TTA {tta}"], "classes": len(metrics["classes"]), "train_s": trained,
+            "workdir": workdir}
+
+
+def ensemble_accuracy(workdirs: list[Path], out: Path) -> float:
+    """kit.ensemble over the runs' test predictions, scored against the class folder in each Id."""
+    kit("kit.ensemble", *map(str, workdirs), "--out", str(out))
+    table = pd.read_csv(out, keep_default_na=False)
+    truth = table.Id.str.split("/").str[1]  # test/<class>/<photo>
+    return float((table["class"] == truth).mean())
 
 
 def main() -> None:
@@ -57,18 +71,22 @@ def main() -> None:
     parser.add_argument("--profile", default="smoke")
     parser.add_argument("--tta", type=int, default=10)
     parser.add_argument("--train-args", default="", help="extra kit.stage flags, quoted")
+    parser.add_argument("--folds", type=int, help="train the N folds of the first seed instead of the seeds")
     args = parser.parse_args()
     if not args.data.is_dir():
         raise SystemExit(f"{args.data} is not there; see ../shared/real-cars/README.md")
     print(f"{args.data.name}, {args.profile} profile, TTA {args.tta}, extra flags: {args.train_args or 'none'}")
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}")
-    print(f"{'seed':>4}  {'val acc':>7}  {'test acc':>8}  {'test TTA':>8}  {'train s':>7}")
+    runs = ([(args.seeds[0], f"{k}/{args.folds}") for k in range(1, args.folds + 1)] if args.folds
+            else [(seed, "") for seed in args.seeds])
+    print(f"{'run':>4}  {'val acc':>7}  {'test acc':>8}  {'test TTA':>8}  {'train s':>7}")
     rows = []
-    for seed in args.seeds:
-        row = one_seed(args.data, seed, args.profile, shlex.split(args.train_args), args.tta)
+    scratch = Path(tempfile.mkdtemp(prefix="real-cars-"))
+    for k, (seed, fold) in enumerate(runs):
+        row = one_run(args.data, scratch / f"run{k}", seed, fold, args.profile, shlex.split(args.train_args), args.tta)
         rows.append(row)
-        print(f"{seed:>4}  {row['val']:>7.4f}  {row['test']:>8.4f}  {row['test_tta']:>8.4f}  {row['train_s']:>7.1f}",
-              flush=True)
+        print(f"{row['run']:>4}  {row['val']:>7.4f}  {row['test']:>8.4f}  {row['test_tta']:>8.4f}  "
+              f"{row['train_s']:>7.1f}", flush=True)
     chance = 1 / rows[0]["classes"]
     for key, name in (("val", "validation"), ("test", "test, no TTA"), ("test_tta", f"test, TTA {args.tta}")):
         values = [row[key] for row in rows]
@@ -76,7 +94,12 @@ def main() -> None:
         print(f"{name:<16} {statistics.mean(values):.4f} +- {spread:.4f}  ({statistics.mean(values) / chance:.2f}x "
               f"chance {chance:.2f})")
     gains = [row["test_tta"] - row["test"] for row in rows]
-    print(f"TTA gain on test: {statistics.mean(gains):+.4f} (per seed: {', '.join(f'{g:+.4f}' for g in gains)})")
+    print(f"TTA gain on test: {statistics.mean(gains):+.4f} (per run: {', '.join(f'{g:+.4f}' for g in gains)})")
+    if len(rows) > 1:
+        combined = ensemble_accuracy([row["workdir"] for row in rows], scratch / "ensemble.csv")
+        print(f"ensemble of the {len(rows)} runs, test, TTA {args.tta}: {combined:.4f} "
+              f"({combined / chance:.2f}x chance; best single run {max(r['test_tta'] for r in rows):.4f})")
+    shutil.rmtree(scratch)
 
 
 if __name__ == "__main__":

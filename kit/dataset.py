@@ -128,12 +128,43 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> np.n
     return is_val
 
 
-def load_split(workdir: Workdir, val_fraction: float = VAL_FRACTION, seed: int = SEED) -> Split:
+def fold_split(labels: np.ndarray, fold: str, seed: int) -> np.ndarray:
+    """A boolean mask of the validation rows of fold "K/N" of a stratified N-fold split (scikit-learn's).
+
+    The same labels and seed give the same N folds in any process, so N work directories (one per
+    fold) share one partition and together validate every image exactly once.
+    """
+    import warnings
+
+    from sklearn.model_selection import StratifiedKFold
+
+    k, n = parse_fold(fold)
+    with warnings.catch_warnings():  # a class smaller than N simply misses some folds
+        warnings.simplefilter("ignore", UserWarning)
+        folds = list(StratifiedKFold(n_splits=n, shuffle=True, random_state=seed).split(labels, labels))
+    is_val = np.zeros(len(labels), bool)
+    is_val[folds[k - 1][1]] = True
+    return is_val
+
+
+def parse_fold(fold: str) -> tuple[int, int]:
+    """ "2/5" -> (2, 5), refusing anything else with the form it takes."""
+    try:
+        k, n = (int(part) for part in fold.split("/"))
+    except ValueError:
+        raise KitError(f"--fold takes K/N (fold K of N, e.g. 1/5), not '{fold}'.") from None
+    if not (n >= 2 and 1 <= k <= n):
+        raise KitError(f"--fold {fold}: N must be at least 2 and K between 1 and N.")
+    return k, n
+
+
+def load_split(workdir: Workdir, val_fraction: float = VAL_FRACTION, seed: int = SEED, fold: str = "") -> Split:
     """The split saved in the work directory, computed and saved on first use.
 
     Every stage and every resumed run must see the same validation images, or stage-to-stage
-    accuracies would not compare and validation images would leak into training. A dataset with a
-    labelled validation folder is split by it instead of at random.
+    accuracies would not compare and validation images would leak into training. A fold ("K/N")
+    takes the Kth of N stratified folds; else a labelled validation folder is the split, if the
+    dataset has one; else `val_fraction` of each class at random.
     """
     frame = read_train(workdir)
     legacy = workdir.data / "split.csv"  # where runs started before 2026-11-22 kept it
@@ -147,8 +178,12 @@ def load_split(workdir: Workdir, val_fraction: float = VAL_FRACTION, seed: int =
                            "again.")
         is_val = frame.Id.map(dict(zip(saved.Id, saved.fold == "val"))).to_numpy(bool)
     else:
-        is_val = ((frame.subset == "val").to_numpy() if (frame.subset == "val").any()
-                  else stratified_split(frame.Category.to_numpy(), val_fraction, seed))
+        if fold:
+            is_val = fold_split(frame.Category.to_numpy(), fold, seed)
+        elif (frame.subset == "val").any():
+            is_val = (frame.subset == "val").to_numpy()
+        else:
+            is_val = stratified_split(frame.Category.to_numpy(), val_fraction, seed)
         fold = np.where(is_val, "val", "train")
         write_text(workdir.split_csv, frame[["Id", "Category"]].assign(fold=fold).to_csv(index=False))
     return Split(frame[~is_val].reset_index(drop=True), frame[is_val].reset_index(drop=True))

@@ -426,17 +426,10 @@ def _given_archive(zip_path: Path) -> Path:
 
 def fetch_competition(workdir: Workdir, competition: str, api: KaggleClient | None) -> Path:
     """The competition's archive: the one already downloaded, or a fresh download."""
-    archive = workdir.downloads / f"{competition}.zip"
-    if not _is_complete_zip(archive):
-        api = api or kaggle_api()
-        print(f"Downloading {competition} from Kaggle into {archive.parent} ...")
-        with kaggle_errors("Downloading the competition data", competition=competition):
-            archive.parent.mkdir(parents=True, exist_ok=True)
-            api.competition_download_files(competition, path=str(archive.parent), force=False, quiet=False)
-        if not archive.is_file():
-            raise KitError(f"The Kaggle API finished but {archive} is not there. Download the archive from "
-                           f"{page_of(competition)}/data by hand and run 'python -m kit.download --zip PATH'.")
-    return archive
+    return _fetch(workdir.downloads / f"{competition}.zip", competition, f"{page_of(competition)}/data", api,
+                  lambda client, folder: client.competition_download_files(competition, path=folder, force=False,
+                                                                           quiet=False),
+                  competition=competition)
 
 
 def fetch_dataset(workdir: Workdir, dataset: str, api: KaggleClient | None) -> Path:
@@ -445,16 +438,23 @@ def fetch_dataset(workdir: Workdir, dataset: str, api: KaggleClient | None) -> P
         raise KitError(f"--dataset {dataset} should be OWNER/SLUG, as in the dataset's address: "
                        "https://www.kaggle.com/datasets/OWNER/SLUG (for example "
                        "jutrera/stanford-car-dataset-by-classes-folder).")
-    archive = workdir.downloads / f"{dataset.split('/')[1]}.zip"
+    return _fetch(workdir.downloads / f"{dataset.split('/')[1]}.zip", dataset, page_of(dataset=dataset), api,
+                  lambda client, folder: client.dataset_download_files(dataset, path=folder, force=False,
+                                                                       quiet=False, unzip=False),
+                  dataset=dataset)
+
+
+def _fetch(archive: Path, name: str, page: str, api: KaggleClient | None, call, **which: str) -> Path:
+    """Download `archive` with `call(api, folder)` unless a complete copy is already there (a new session)."""
     if not _is_complete_zip(archive):
         api = api or kaggle_api()
-        print(f"Downloading {dataset} from Kaggle into {archive.parent} ...")
-        with kaggle_errors("Downloading the dataset", dataset=dataset):
+        print(f"Downloading {name} from Kaggle into {archive.parent} ...")
+        with kaggle_errors(f"Downloading {name}", **which):
             archive.parent.mkdir(parents=True, exist_ok=True)
-            api.dataset_download_files(dataset, path=str(archive.parent), force=False, quiet=False, unzip=False)
+            call(api, str(archive.parent))
         if not archive.is_file():
-            raise KitError(f"The Kaggle API finished but {archive} is not there. Download the archive from "
-                           f"{page_of(dataset=dataset)} by hand and run 'python -m kit.download --zip PATH'.")
+            raise KitError(f"The Kaggle API finished but {archive} is not there. Download the archive from {page} "
+                           "by hand and run 'python -m kit.download --zip PATH'.")
     return archive
 
 

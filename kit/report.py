@@ -130,7 +130,8 @@ def validation_set(workdir: Workdir, loaded: LoadedModel, workers: int):
     from kit.stages import read_manifest
 
     config = read_manifest(workdir)["config"] or {}
-    split = load_split(workdir, config.get("val_fraction", VAL_FRACTION), config.get("seed", SEED))
+    split = load_split(workdir, config.get("val_fraction", VAL_FRACTION), config.get("seed", SEED),
+                       config.get("fold", ""))
     cache, position = open_training_cache(default_cache_root(workdir.cache), split, loaded.image_size, workers)
     val = drop_unreadable(split.val, cache.unreadable, "validation")
     return _Subset(cache, [position[p] for p in val.path]), list(val.Id), val.Category.to_numpy(), list(val.path)

@@ -38,6 +38,7 @@ class RunConfig:
     seed: int
     val_fraction: float
     classes: tuple[str, ...] = COMPETITION_CLASSES  # the model's outputs, in order (runs before 0.3: these)
+    fold: str = ""  # "K/N": validate on fold K of a stratified N-fold split; "" for the usual split
 
     def __post_init__(self):
         object.__setattr__(self, "classes", tuple(self.classes))  # a list when read back from JSON
@@ -70,6 +71,7 @@ class Requested:
     weights: str | None = None
     seed: int | None = None
     val_fraction: float | None = None
+    fold: str | None = None
     class_weights: bool | None = None
     stage_overrides: dict = field(default_factory=dict)  # image_size, batch_size, lr, epochs, steps_per_epoch
 
@@ -124,7 +126,8 @@ def run_config(saved: dict | None, profile: Profile, requested: Requested, workd
         return RunConfig(profile.name, requested.backbone or profile.backbone, requested.weights or profile.weights,
                          profile.head.units, profile.head.dropout, profile.head.bn_momentum,
                          SEED if requested.seed is None else requested.seed,
-                         VAL_FRACTION if requested.val_fraction is None else requested.val_fraction, tuple(classes))
+                         VAL_FRACTION if requested.val_fraction is None else requested.val_fraction, tuple(classes),
+                         requested.fold or "")
     config = RunConfig(**saved)
     if config.classes != tuple(classes):
         gone, new = sorted(set(config.classes) - set(classes)), sorted(set(classes) - set(config.classes))
@@ -134,7 +137,7 @@ def run_config(saved: dict | None, profile: Profile, requested: Requested, workd
                        f"{workdir.data} now has {len(classes)} ({change}). A model cannot continue on other classes: "
                        "train in another --workdir, or download the dataset the run started with again.")
     wanted = {"profile": profile.name, "backbone": requested.backbone, "weights": requested.weights,
-              "seed": requested.seed, "val_fraction": requested.val_fraction}
+              "seed": requested.seed, "val_fraction": requested.val_fraction, "fold": requested.fold}
     clashes = [f"{_flag(k)} {v} (this run: {getattr(config, k)})" for k, v in wanted.items()
                if v is not None and v != getattr(config, k)]
     if clashes:

@@ -35,6 +35,8 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     learned.add_argument("--weights", help="stage 1 backbone weights: imagenet, noisy-student, none, or a file")
     learned.add_argument("--seed", type=int, help="seed of the split, the batch order and the augmentation (42)")
     learned.add_argument("--val-fraction", type=float, help="share of each class held out for validation (0.2)")
+    learned.add_argument("--fold", metavar="K/N", help="validate on fold K of a stratified N-fold split instead "
+                                                       "(one work directory per fold; kit.ensemble combines them)")
     learned.add_argument("--class-weights", action=argparse.BooleanOptionalAction, default=None,
                          help="weight the loss against class imbalance (kept by a stage from its start)")
     how = parser.add_argument_group("how it runs (may change between sessions)")
@@ -79,11 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def requested_from(args: argparse.Namespace):
+    from kit.dataset import parse_fold
     from kit.run import Requested
 
     overrides = {name: getattr(args, name, None) for name in STAGE_OVERRIDES}
+    if args.fold:
+        parse_fold(args.fold)  # a typo is refused before anything starts
     return Requested(backbone=args.backbone, weights=args.weights, seed=args.seed, val_fraction=args.val_fraction,
-                     class_weights=args.class_weights, stage_overrides=overrides)
+                     fold=args.fold, class_weights=args.class_weights, stage_overrides=overrides)
 
 
 def execution_from(args: argparse.Namespace):

@@ -316,7 +316,7 @@ def prepare_data(workdir: Workdir, plan: StagePlan, config: RunConfig, execution
                  costs: dict) -> StageData:
     """The saved split, the image cache at this stage's size (built within the budget), seeded batches."""
     stage = plan.stage
-    split = load_split(workdir, config.val_fraction, config.seed)
+    split = load_split(workdir, config.val_fraction, config.seed, config.fold)
     cache_root = execution.cache_dir or default_cache_root(workdir.cache)
     images = len(split.train) + len(split.val)
     started = time.time()
@@ -611,7 +611,7 @@ def run_all(workdir: Workdir, plans: list[StagePlan], config: RunConfig, executi
             continue
         if execution.budget.limited:
             if images is None:
-                split = load_split(workdir, config.val_fraction, config.seed)
+                split = load_split(workdir, config.val_fraction, config.seed, config.fold)
                 images = len(split.train) + len(split.val)
             needed = start_cost(workdir, plan.stage, read_manifest(workdir)["costs"], images, execution)
             if needed > execution.budget.left():

@@ -20,7 +20,7 @@ import requests
 from conftest import ROOT, run_kit, small_synthetic
 from kit.cli import KitError
 from kit.config import COMPETITION, COMPETITION_CLASSES, COMPETITION_URL, Workdir
-from kit.dataset import load_split
+from kit.dataset import load_split, parse_fold, read_train
 from kit.download import describe, download, is_verified, read_description
 
 
@@ -306,3 +306,19 @@ def test_a_work_directory_holds_one_dataset(tmp_path, archive):
     with pytest.raises(KitError, match=f"already holds {COMPETITION} .*use another --workdir"):
         download(workdir, from_dir=tmp_path / "two")
     assert read_description(workdir).classes == COMPETITION_CLASSES
+
+
+def test_folds_partition_the_data_stably_and_stratified(tmp_path):
+    workdir = small_synthetic(tmp_path, per_class=10, size=(32, 24))
+    seen = []
+    for k in range(1, 6):
+        workdir.split_csv.unlink(missing_ok=True)  # each fold is its own work directory in practice
+        split = load_split(workdir, seed=7, fold=f"{k}/5")
+        assert len(split.val) == 20 and split.val.Category.value_counts().eq(2).all()
+        seen += list(split.val.Id)
+    assert sorted(seen) == sorted(read_train(workdir).Id)  # every image validated exactly once
+    workdir.split_csv.unlink()
+    assert sorted(load_split(workdir, seed=7, fold="3/5").val.Id) == sorted(seen[40:60])  # the same folds again
+    for wrong in ("3of5", "6/5", "1/1"):
+        with pytest.raises(KitError, match="--fold"):
+            parse_fold(wrong)
