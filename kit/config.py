@@ -180,6 +180,8 @@ class Workdir:
     def data(self) -> Path:
         return self.data_dir or self.root / "data"
 
+    # This competition's layout under data/ (what --synthetic writes too); other datasets are found
+    # through data/index.csv, which kit.download writes for every layout.
     @property
     def train_csv(self) -> Path:
         return self.data / "train.csv"

@@ -113,10 +113,6 @@ def read_test(workdir: Workdir) -> pd.DataFrame:
     return index[index.subset == "test"].reset_index(drop=True)
 
 
-def class_names(workdir: Workdir) -> tuple[str, ...]:
-    return read_description(workdir).classes
-
-
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
     """A boolean mask of validation rows holding `val_fraction` of every class."""
     rng = np.random.default_rng(seed)
