@@ -68,8 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unreadable:
         print(f"error: {len(unreadable)} test images could not be read: {', '.join(unreadable)}")
         return EXIT_FAILED
-    print("Next: " + ", ".join(workdir.command(m, *a) for m, *a in (
-        ("kit.report",), ("kit.submit", "--message", "'...'"), ("kit.demo", "--share"))))
+    steps = [("kit.report",), ("kit.demo", "--share")]
+    if written == "submission.csv":  # a competition's data: there is something to submit
+        steps.insert(1, ("kit.submit", "--message", "'...'"))
+    print("Next: " + ", ".join(workdir.command(m, *a) for m, *a in steps))
     return EXIT_DONE
 
 
