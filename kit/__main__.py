@@ -62,14 +62,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     loaded = predict.load_model(predict.weights_path(workdir))
     print(f"Model: {loaded.describe()}")
     seed = predict.run_seed(workdir)
-    table, unreadable = predict.predict_test(workdir, loaded, args.tta, seed, args.workers, args.cache_dir)
-    written = "predictions.csv" if "class" in table.columns else "submission.csv"
-    print(f"Wrote {workdir.submissions / written} ({len(table)} rows)")
+    table, unreadable, written = predict.predict_test(workdir, loaded, args.tta, seed, args.workers, args.cache_dir)
+    print(f"Wrote {written} ({len(table)} rows)")
     if unreadable:
         print(f"error: {len(unreadable)} test images could not be read: {', '.join(unreadable)}")
         return EXIT_FAILED
     steps = [("kit.report",), ("kit.demo", "--share")]
-    if written == "submission.csv":  # a competition's data: there is something to submit
+    if written.name == predict.SUBMISSION:  # a competition's data: there is something to submit
         steps.insert(1, ("kit.submit", "--message", "'...'"))
     print("Next: " + ", ".join(workdir.command(m, *a) for m, *a in steps))
     return EXIT_DONE

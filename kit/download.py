@@ -138,8 +138,7 @@ def describe(workdir: Workdir, source: str, origin: str, competition: str | None
         labels, sample = classes, None
     else:
         layout, competition, skipped = "table", competition or COMPETITION, {}
-        index, classes, labels = table_index(data, competition)
-        sample = find_tables(data)[1].relative_to(data).as_posix()
+        index, classes, labels, sample = table_index(data, competition)
     labelled = index[index.Category.notna()]
     counts = labelled[labelled.subset != "test"].Category.astype(int).value_counts()
     test = index[index.subset == "test"]
@@ -290,8 +289,9 @@ def ordered_labels(values) -> list[str]:
     return values
 
 
-def table_index(data: Path, competition: str) -> tuple[pd.DataFrame, list[str], list[str]]:
-    """A competition's images: the training table's rows and the sample submission's, each with its file."""
+def table_index(data: Path, competition: str) -> tuple[pd.DataFrame, list[str], list[str], str]:
+    """A competition's images: the training table's rows and the sample submission's, each with its file;
+    the classes, their label values, and where the sample submission is (relative to `data`)."""
     train_csv, sample_csv = find_tables(data)
     train, sample = read_table(train_csv), read_table(sample_csv)
     id_column, label_column = train.columns[:2]
@@ -335,7 +335,7 @@ def table_index(data: Path, competition: str) -> tuple[pd.DataFrame, list[str], 
                        "finish it.")
     index = pd.DataFrame(rows, columns=["Id", "Category", "subset", "path"])
     index["Category"] = index.Category.astype("Int64")
-    return index, classes, labels
+    return index, classes, labels, sample_csv.relative_to(data).as_posix()
 
 
 # ---- getting the files ---------------------------------------------------------------------------
@@ -383,7 +383,7 @@ def requested_origin(zip_path: Path | None, from_dir: Path | None, dataset: str 
     """What the flags name: a competition however its files arrive, else the Kaggle dataset, archive or folder."""
     if dataset:
         return dataset
-    if from_dir is not None and Path(from_dir).is_dir() and not any(Path(from_dir).glob("*.csv")):
+    if from_dir is not None and Path(from_dir).is_dir() and not is_table_folder(Path(from_dir)):
         return str(Path(from_dir).resolve())
     if zip_path is not None and _is_complete_zip(Path(zip_path)):
         with zipfile.ZipFile(zip_path) as z:
@@ -392,13 +392,18 @@ def requested_origin(zip_path: Path | None, from_dir: Path | None, dataset: str 
     return competition or COMPETITION
 
 
+def is_table_folder(folder: Path) -> bool:
+    """A competition's files as Kaggle attaches them: CSVs at the top (class folders have none there)."""
+    return any(folder.glob("*.csv"))
+
+
 def place_folder(folder: Path, data: Path) -> None:
     """A competition's folder is copied (CSVs) and unpacked or linked; a class-folder tree is linked as is."""
     if not folder.is_dir():
         raise KitError(f"--from-dir {folder} is not a folder. Give the folder holding the data (on Kaggle, "
                        "/kaggle/input/<name>).")
     data.mkdir(parents=True, exist_ok=True)
-    if any(folder.glob("*.csv")):
+    if is_table_folder(folder):
         for csv in folder.glob("*.csv"):
             shutil.copyfile(csv, data / csv.name)
         for inner in folder.glob("*.zip"):

@@ -32,8 +32,9 @@ from kit.config import PROFILES, SEED, STEPS, TTA_VIEWS, Workdir, stage_of
 from kit.dataset import UnreadableImage, load_resized, read_test, read_train
 from kit.download import is_hidden, is_image, image_files, read_description
 from kit.files import write_text
-from kit.pipeline import DEFAULT_WORKERS, cache_short_side, default_cache_root, open_cache, ordered_map
+from kit.pipeline import DEFAULT_WORKERS, Uncached, cache_short_side, default_cache_root, open_cache, ordered_map
 
+SUBMISSION, PREDICTIONS = "submission.csv", "predictions.csv"  # under <workdir>/submissions
 VIEWS_PER_BATCH = 32  # model inputs per forward pass; the views of one image always travel together
 
 
@@ -178,19 +179,6 @@ def class_prior(workdir: Workdir, num_classes: int) -> np.ndarray:
     return counts / counts.sum()
 
 
-class DecodedImages:
-    """Photos decoded when indexed: for folders predicted once, where a cache would not pay off."""
-
-    def __init__(self, paths: Sequence[str], short_side: int):
-        self.paths, self.short_side = list(paths), short_side
-
-    def __getitem__(self, index: int) -> np.ndarray:
-        return load_resized(self.paths[index], self.short_side)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-
 def probability_table(keys: Sequence[str], probs: np.ndarray, classes: Sequence[str], key: str = "Id") -> pd.DataFrame:
     """One row per image: its key, then one column per class named after it (the order of the model's outputs)."""
     table = pd.DataFrame(probs, columns=list(classes)).round(6)
@@ -219,8 +207,9 @@ def check_classes(workdir: Workdir, loaded: LoadedModel) -> None:
 
 
 def predict_test(workdir: Workdir, loaded: LoadedModel, tta: int = TTA_VIEWS, seed: int = SEED,
-                 workers: int = DEFAULT_WORKERS, cache_dir: Path | None = None) -> tuple[pd.DataFrame, dict[str, str]]:
-    """The test set's predictions, written; returns the written table and the unreadable Ids.
+                 workers: int = DEFAULT_WORKERS,
+                 cache_dir: Path | None = None) -> tuple[pd.DataFrame, dict[str, str], Path]:
+    """The test set's predictions, written; returns the written table, the unreadable Ids and the file.
 
     A competition gets submission.csv (its sample submission's header, order and label values) and
     probabilities.csv; a class-folder dataset's test folder gets predictions.csv.
@@ -236,18 +225,18 @@ def predict_test(workdir: Workdir, loaded: LoadedModel, tta: int = TTA_VIEWS, se
     probs, unreadable = Predictor(loaded, tta, seed, workers).predict_many(cache, list(test.Id))
     if description.sample_submission is None:
         table = predictions_table(test.Id, probs, loaded.classes, "Id")
-        write_text(workdir.submissions / "predictions.csv", table.to_csv(index=False))
-        return table, unreadable
+        write_text(workdir.submissions / PREDICTIONS, table.to_csv(index=False))
+        return table, unreadable, workdir.submissions / PREDICTIONS
     missing = np.isnan(probs).any(axis=1)
     if missing.any():
         probs[missing] = class_prior(workdir, len(loaded.classes))
     header = pd.read_csv(workdir.data / description.sample_submission, nrows=0).columns[:2]
     submission = pd.DataFrame({header[0]: test.Id,
                                header[1]: [description.labels[k] for k in probs.argmax(axis=1)]})
-    write_text(workdir.submissions / "submission.csv", submission.to_csv(index=False))
+    write_text(workdir.submissions / SUBMISSION, submission.to_csv(index=False))
     write_text(workdir.submissions / "probabilities.csv",
                probability_table(test.Id, probs, loaded.classes).to_csv(index=False))
-    return submission, unreadable
+    return submission, unreadable, workdir.submissions / SUBMISSION
 
 
 def photos_in(folder: Path) -> tuple[list[Path], list[str]]:
@@ -274,8 +263,9 @@ def predict_folder(folder: Path, loaded: LoadedModel, out: Path, tta: int = TTA_
     if not photos:
         raise KitError(f"No photos (.jpg, .png, .webp, ...) were found under {folder}.")
     keys = [p.relative_to(folder).as_posix() for p in photos]
-    predictor = Predictor(loaded, tta, seed, workers)
-    probs, unreadable = predictor.predict_many(DecodedImages([str(p) for p in photos], predictor.short_side), keys)
+    # Decoded once each, uncached: a folder is predicted once, so a cache would not pay off.
+    probs, unreadable = Predictor(loaded, tta, seed, workers).predict_many(
+        Uncached([str(p) for p in photos], loaded.image_size), keys)
     table = predictions_table(keys, probs, loaded.classes, "path")
     write_text(out, table.to_csv(index=False))
     return table, unreadable
@@ -322,24 +312,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"Model: {loaded.describe()}")
     workers = max(1, args.workers)
     if args.folder:
-        out = args.out or workdir.submissions / "predictions.csv"
-        table, unreadable = predict_folder(args.folder, loaded, out, args.tta, args.seed, workers)
-        print(f"Wrote {out} ({len(table)} photos)")
-        counts = table["class"][table["class"] != ""].value_counts()
+        written = args.out or workdir.submissions / PREDICTIONS
+        table, unreadable = predict_folder(args.folder, loaded, written, args.tta, args.seed, workers)
     else:
-        table, unreadable = predict_test(workdir, loaded, args.tta, args.seed, workers)
-        written = "predictions.csv" if "class" in table.columns else "submission.csv and probabilities.csv"
-        print(f"Wrote {written} to {workdir.submissions} ({len(table)} rows)")
-        counts = (table["class"].value_counts() if "class" in table.columns
-                  else table.iloc[:, 1].map(dict(zip(read_description(workdir).labels, loaded.classes))).value_counts())
+        table, unreadable, written = predict_test(workdir, loaded, args.tta, args.seed, workers)
+    submitted = not args.folder and written.name == SUBMISSION  # a competition's test set
+    print(f"Wrote {written}{' and probabilities.csv' if submitted else ''} ({len(table)} rows)")
+    counts = (table.iloc[:, 1].map(dict(zip(read_description(workdir).labels, loaded.classes))) if submitted
+              else table["class"]).value_counts()
     print("predicted per class: " + ", ".join(f"{name} {counts.get(name, 0)}" for name in loaded.classes))
     if unreadable:
-        held = "no class" if "class" in table.columns else "the class prior"
+        held = "the class prior" if submitted else "no class"
         print(f"error: {len(unreadable)} images could not be read; their rows hold {held}:")
         for key, why in unreadable.items():
             print(f"  {key}: {why}")
         return 1
-    if not args.folder and "class" not in table.columns:
+    if submitted:
         print(f"Next: {workdir.command('kit.submit', '--message', repr('your note'))}")
     return 0
 

@@ -24,9 +24,9 @@ from kit.config import SEED, STEPS, VAL_FRACTION, Workdir
 from kit.dataset import drop_unreadable, load_resized, load_split, read_test
 from kit.download import is_hidden, is_image, image_files, read_description
 from kit.files import write_text
-from kit.pipeline import DEFAULT_WORKERS, default_cache_root, open_cache, open_training_cache
+from kit.pipeline import DEFAULT_WORKERS, Uncached, default_cache_root, open_cache, open_training_cache
 from kit.plots import plot_confusion, plot_curves, plot_gallery
-from kit.predict import (DecodedImages, LoadedModel, Predictor, add_model_options, check_classes, model_from_args,
+from kit.predict import (LoadedModel, Predictor, add_model_options, check_classes, model_from_args,
                          probability_table)
 
 TOP_LOSSES = 16  # photos in the gallery: a 4x4 grid
@@ -142,7 +142,7 @@ def test_set(workdir: Workdir, loaded: LoadedModel, workers: int, test_dir: Path
     if test_dir is not None:
         paths, labels = labelled_folder(Path(test_dir), loaded.classes)
         keys = [str(Path(p).relative_to(test_dir)) for p in paths]
-        return DecodedImages(paths, Predictor(loaded, 1).short_side), keys, labels, paths, str(test_dir)
+        return Uncached(paths, loaded.image_size), keys, labels, paths, str(test_dir)
     if not read_description(workdir).test_labelled:
         return None
     test = read_test(workdir)

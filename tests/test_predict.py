@@ -31,7 +31,7 @@ def smoke_model(smoke_workdir):
 
 def test_submission_covers_every_real_id_in_order(tmp_path, shared, smoke_model):
     workdir = small_synthetic(tmp_path, per_class=2, test=6675, size=(24, 18), ids_from=shared)
-    submission, unreadable = predict_test(workdir, smoke_model, tta=0, workers=2)
+    submission, unreadable, written = predict_test(workdir, smoke_model, tta=0, workers=2)
     expected = pd.read_csv(shared / "sample-submission.csv", dtype={"Id": str}).Id
     written = pd.read_csv(workdir.submissions / "submission.csv", dtype={"Id": str})
     assert unreadable == {} and written.Id.tolist() == expected.tolist()
