@@ -1,14 +1,21 @@
-"""Test accuracy on real photos, averaged over seeds: the baseline later training options are compared with.
+"""Test accuracy on real photos, averaged over seeds: the recipe against training options, in one process run.
 
-    python bench/real_cars.py                         # stanford5, smoke profile, seeds 1 2 3
+    python bench/real_cars.py                         # stanford5, smoke profile, seeds 1 2 3, the recipe
     python bench/real_cars.py --seeds 1 2 3 4 5
     python bench/real_cars.py --train-args "--class-weights"   # any kit.stage flags, for a comparison
     python bench/real_cars.py --folds 5               # the 5 folds of one seed instead of several seeds
+    python bench/real_cars.py --variants recipe "ls=--label-smoothing 0.1" "ema=--ema 0.9" "final=+final-fit"
 
 Each run is a full user run in its own work directory and processes: kit.download --from-dir,
 kit.stage --all --seed S (--fold K/N), kit.report (validation, and the dataset's labelled test
 folder), kit.predict. It prints one row per run, the mean +- standard deviation and the ratio
 to chance, then the test accuracy of kit.ensemble over all the runs.
+
+With --variants, every variant (NAME=kit.stage flags; "recipe" alone means no flags) trains on
+the same seeds, and a last table compares each with the first: mean test accuracy, the difference
+and its standard error over the seeds. Two extra steps are variants too: "+final-fit" adds
+kit.stage --final-fit after the stages, and "+pseudo=P" trains the recipe, labels the test photos
+predicted with probability >= P (kit.pseudo), and trains a second run with them.
 """
 
 from __future__ import annotations
@@ -42,9 +49,19 @@ def kit(*args: str) -> None:
 def one_run(data: Path, folder: Path, seed: int, fold: str, profile: str, train_args: list[str], tta: int) -> dict:
     """Download, train, report and predict in a fresh work directory; the report's figures and the wall time."""
     where = ["--profile", profile, "--workdir", str(folder)]
+    extra = [a for a in train_args if a.startswith("+")]
+    flags = [a for a in train_args if not a.startswith("+")]
     started = time.time()
     kit("kit.download", "--from-dir", str(data), *where)
-    kit("kit.stage", "--all", "--seed", str(seed), *(["--fold", fold] if fold else []), *train_args, *where)
+    pseudo = [a.split("=", 1)[1] for a in extra if a.startswith("+pseudo=")]
+    if pseudo:  # a first run labels the test photos; the measured run trains on them too
+        first = one_run(data, folder.with_name(folder.name + "-teacher"), seed, fold, profile, flags, tta)
+        labels = folder / "pseudo_labels.csv"
+        kit("kit.pseudo", "--from", str(first["workdir"]), "--threshold", pseudo[0], "--out", str(labels))
+        flags += ["--pseudo-labels", str(labels)]
+    kit("kit.stage", "--all", "--seed", str(seed), *(["--fold", fold] if fold else []), *flags, *where)
+    if "+final-fit" in extra:
+        kit("kit.stage", "--final-fit", *where)
     trained = time.time() - started
     kit("kit.report", "--tta", str(tta), *where)
     kit("kit.predict", "--tta", str(tta), *where)
@@ -72,7 +89,12 @@ def main() -> None:
     parser.add_argument("--tta", type=int, default=10)
     parser.add_argument("--train-args", default="", help="extra kit.stage flags, quoted")
     parser.add_argument("--folds", type=int, help="train the N folds of the first seed instead of the seeds")
+    parser.add_argument("--variants", nargs="+", metavar="NAME=FLAGS",
+                        help="compare these kit.stage flag sets on the same seeds (the first is the baseline)")
     args = parser.parse_args()
+    if args.variants:
+        compare(args)
+        return
     if not args.data.is_dir():
         raise SystemExit(f"{args.data} is not there; see ../shared/real-cars/README.md")
     print(f"{args.data.name}, {args.profile} profile, TTA {args.tta}, extra flags: {args.train_args or 'none'}")
@@ -100,6 +122,37 @@ def main() -> None:
         print(f"ensemble of the {len(rows)} runs, test, TTA {args.tta}: {combined:.4f} "
               f"({combined / chance:.2f}x chance; best single run {max(r['test_tta'] for r in rows):.4f})")
     shutil.rmtree(scratch)
+
+
+def compare(args: argparse.Namespace) -> None:
+    """Each variant on every seed, then one table: test accuracy (TTA) and its difference to the first variant."""
+    print(f"{args.data.name}, {args.profile} profile, TTA {args.tta}, seeds {' '.join(map(str, args.seeds))}")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}")
+    scratch = Path(tempfile.mkdtemp(prefix="real-cars-"))
+    results: dict[str, list[dict]] = {}
+    for k, variant in enumerate(args.variants):
+        name, _, flags = variant.partition("=")
+        results[name] = []
+        for seed in args.seeds:
+            row = one_run(args.data, scratch / f"v{k}-s{seed}", seed, "", args.profile, shlex.split(flags), args.tta)
+            results[name].append(row)
+            print(f"{name:<12} seed {seed}: val {row['val']:.4f} test {row['test']:.4f} test TTA {row['test_tta']:.4f} "
+                  f"({row['train_s']:.0f} s)", flush=True)
+    base = results[next(iter(results))]
+    print(f"\n{'variant':<12} {'flags':<44} {'val acc':>15} {'test acc (TTA)':>15} {'vs first':>16} {'train s':>7}")
+    for variant, (name, rows) in zip(args.variants, results.items()):
+        val, test = [r["val"] for r in rows], [r["test_tta"] for r in rows]
+        diffs = [r["test_tta"] - b["test_tta"] for r, b in zip(rows, base)]  # paired by seed
+        error = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else 0.0
+        print(f"{name:<12} {variant.partition('=')[2] or '-':<44} {statistics.mean(val):.4f}+-{_sd(val):.4f} "
+              f"{statistics.mean(test):.4f}+-{_sd(test):.4f} {statistics.mean(diffs):+.4f}+-{error:.4f} "
+              f"{statistics.mean(r['train_s'] for r in rows):>7.0f}")
+    print("(mean +- standard deviation over the seeds; 'vs first': mean paired difference +- its standard error)")
+    shutil.rmtree(scratch)
+
+
+def _sd(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 if __name__ == "__main__":

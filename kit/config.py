@@ -87,6 +87,37 @@ SMOKE_STAGES: tuple[Stage, ...] = (
 
 # Every profile has these seven steps; commands, reports and the model finder count them from here.
 STEPS: tuple[int, ...] = tuple(stage.step for stage in COLAB_STAGES)
+# The optional final fit: the last stage again, on training + validation images (kit.stage --final-fit).
+FINAL_FIT_STEP = STEPS[-1] + 1
+
+
+@dataclass(frozen=True)
+class TrainingOptions:
+    """What fine-tuning has added since the 2021 recipe; each off by default, so the recipe stays the recipe.
+
+    Fixed when a stage starts and saved with it, like the stage's row: a resume continues the
+    same training whatever flags it is given.
+    """
+
+    label_smoothing: float = 0.0  # share of each target spread over all classes
+    ema: float = 0.0  # momentum of an exponential moving average of the weights, evaluated and saved; 0: off
+    schedule: str = "plateau"  # "plateau": the recipe's ReduceLROnPlateau; "cosine": cosine decay per step
+    warmup_epochs: float = 0.0  # linear warm-up before the cosine decay
+    mixup: float = 0.0  # MixUp's Beta(alpha, alpha); 0: off
+    cutmix: float = 0.0  # Keras CutMix's factor (Beta(a, a), a from [0, factor]); 0: off. With MixUp: one per batch
+    weight_decay: float = 0.0  # > 0: AdamW with this decoupled weight decay instead of Adam
+
+    def describe(self) -> str:
+        """The options that are on, for a stage's first line ('' for the recipe)."""
+        parts = [f"label smoothing {self.label_smoothing:g}" if self.label_smoothing else "",
+                 f"EMA {self.ema:g}" if self.ema else "",
+                 (f"cosine schedule, {self.warmup_epochs:g} warm-up epochs" if self.schedule == "cosine" else ""),
+                 f"MixUp {self.mixup:g}" if self.mixup else "", f"CutMix {self.cutmix:g}" if self.cutmix else "",
+                 f"AdamW {self.weight_decay:g}" if self.weight_decay else ""]
+        return ", ".join(part for part in parts if part)
+
+
+SCHEDULES = ("plateau", "cosine")
 
 
 @dataclass(frozen=True)
@@ -105,6 +136,7 @@ class Profile:
     weights: str  # "imagenet", "noisy-student", "none" or a path to a weights file
     stages: tuple[Stage, ...]
     head: Head = Head()
+    options: TrainingOptions = TrainingOptions()
     synthetic: dict = field(default_factory=dict)  # download --synthetic arguments, smoke only
     subdir: str = ""  # the smoke profile keeps to <workdir>/smoke so it never touches real data
 
@@ -218,6 +250,11 @@ class Workdir:
     def split_csv(self) -> Path:
         """The train/validation split belongs to the run (kept with its weights), not to the unpacked photos."""
         return self.weights / "split.csv"
+
+    @property
+    def pseudo_labels(self) -> Path:
+        """The run's copy of the pseudo-label list it trains on (kit.pseudo writes one; --pseudo-labels copies it)."""
+        return self.weights / "pseudo_labels.csv"
 
     @property
     def lock(self) -> Path:

@@ -154,13 +154,15 @@ def parse_fold(fold: str) -> tuple[int, int]:
     return k, n
 
 
-def load_split(workdir: Workdir, val_fraction: float = VAL_FRACTION, seed: int = SEED, fold: str = "") -> Split:
+def load_split(workdir: Workdir, val_fraction: float = VAL_FRACTION, seed: int = SEED, fold: str = "",
+               pseudo_labels: Path | None = None) -> Split:
     """The split saved in the work directory, computed and saved on first use.
 
     Every stage and every resumed run must see the same validation images, or stage-to-stage
     accuracies would not compare and validation images would leak into training. A fold ("K/N")
     takes the Kth of N stratified folds; else a labelled validation folder is the split, if the
-    dataset has one; else `val_fraction` of each class at random.
+    dataset has one; else `val_fraction` of each class at random. Pseudo-labelled test photos
+    join the training side only, after the split, so validation stays real labels.
     """
     frame = read_train(workdir)
     legacy = workdir.data / "split.csv"  # where runs started before 2026-11-22 kept it
@@ -182,7 +184,39 @@ def load_split(workdir: Workdir, val_fraction: float = VAL_FRACTION, seed: int =
             is_val = stratified_split(frame.Category.to_numpy(), val_fraction, seed)
         fold = np.where(is_val, "val", "train")
         write_text(workdir.split_csv, frame[["Id", "Category"]].assign(fold=fold).to_csv(index=False))
-    return Split(frame[~is_val].reset_index(drop=True), frame[is_val].reset_index(drop=True))
+    train = frame[~is_val]
+    if pseudo_labels is not None:
+        train = pd.concat([train, read_pseudo_labels(pseudo_labels, workdir)])
+    return Split(train.reset_index(drop=True), frame[is_val].reset_index(drop=True))
+
+
+def read_pseudo_labels(path: Path, workdir: Workdir) -> pd.DataFrame:
+    """A pseudo-label list (kit.pseudo) as training rows: test photos of this dataset, with the class it names.
+
+    Classes are matched by name, so a list made by any run on this dataset fits; Ids must be the
+    dataset's test photos (never a training or validation photo, which have real labels).
+    """
+    try:
+        table = pd.read_csv(path, dtype={"Id": str, "class": str}, keep_default_na=False)
+        table = table[["Id", "class"]]
+    except (OSError, ValueError, KeyError) as error:
+        raise KitError(f"{path} is not a pseudo-label list ({error}). Write one with 'python -m kit.pseudo --from "
+                       "RUN --threshold P'.") from None
+    classes = read_description(workdir).classes
+    number = {name: k for k, name in enumerate(classes)}
+    unknown = sorted(set(table["class"]) - set(number))
+    test = read_test(workdir).set_index("Id")
+    strangers = table.Id[~table.Id.isin(test.index)]
+    if unknown or len(strangers):
+        raise KitError(f"{path} does not fit the dataset in {workdir.data}: "
+                       + "; ".join(part for part in (
+                           unknown and f"classes it does not have ({', '.join(unknown[:3])})",
+                           len(strangers) and f"{len(strangers)} Ids that are not its test photos (e.g. "
+                                              f"{', '.join(strangers[:3])})") if part)
+                       + ". Make the list from a run on this dataset.")
+    rows = test.loc[table.Id]
+    return pd.DataFrame({"Id": table.Id.to_numpy(), "Category": table["class"].map(number).to_numpy(int),
+                         "subset": "pseudo", "path": rows.path.to_numpy()})
 
 
 def class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:

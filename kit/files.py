@@ -10,6 +10,7 @@ would overwrite each other's checkpoints; the lock file makes the second one ref
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import socket
@@ -56,6 +57,11 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def write_text(path: str | os.PathLike, text: str) -> None:
     write_bytes(path, text.encode())
+
+
+def sha256(path: str | os.PathLike) -> str:
+    """The file's SHA-256, hex: how a run recognises the very file it started with."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _fsync_dir(folder: Path) -> None:

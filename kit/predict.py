@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from kit.augment import plain_transform, tta_transform, tta_views
 from kit.cli import KitError, add_workdir, main_guard
-from kit.config import PROFILES, SEED, STEPS, TTA_VIEWS, Workdir, stage_of
+from kit.config import FINAL_FIT_STEP, PROFILES, SEED, STEPS, TTA_VIEWS, Workdir, stage_of
 from kit.dataset import UnreadableImage, load_resized, read_test, read_train
 from kit.download import is_hidden, is_image, image_files, read_description
 from kit.files import write_text
@@ -47,9 +47,11 @@ class LoadedModel:
     val_accuracy: float | None
     source: Path
     classes: tuple[str, ...]  # the model's outputs, in order, as the run was trained on them
+    final_fit: bool = False  # trained on the validation images too: its validation score is not held out
 
     def describe(self) -> str:
         stage = f"stage {self.stage}" if self.stage else "custom weights"
+        stage += " (final fit on training + validation images)" if self.final_fit else ""
         accuracy = f", validation accuracy {self.val_accuracy:.4f}" if self.val_accuracy else ""
         return f"{self.backbone}, {stage}, {self.image_size} px{accuracy} ({self.source.name})"
 
@@ -57,7 +59,7 @@ class LoadedModel:
 def last_finished_stage(workdir: Workdir) -> int | None:
     from kit.stages import stage_status
 
-    done = [step for step in STEPS if stage_status(workdir, step) == "done"]
+    done = [step for step in (*STEPS, FINAL_FIT_STEP) if stage_status(workdir, step) == "done"]
     return max(done) if done else None
 
 
@@ -106,7 +108,8 @@ def load_model(path: Path, image_size: int | None = None, precision: str = "auto
         checkpoint.assign_model(model, arrays, path)
     except checkpoint.IncompatibleCheckpoint as error:
         raise KitError(str(error)) from None
-    return LoadedModel(model, config.backbone, step, size, state.get("val_accuracy"), path, config.classes)
+    return LoadedModel(model, config.backbone, step, size, state.get("val_accuracy"), path, config.classes,
+                       bool(state.get("final_fit")))
 
 
 class Predictor:
@@ -275,7 +278,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     """Which model to load: shared by predict, report and demo."""
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--weights", type=Path, help="a best.weights.npz file (default: the last finished stage's)")
-    which.add_argument("--stage", type=int, choices=STEPS, metavar="N", help="the best weights of stage N")
+    which.add_argument("--stage", type=int, choices=(*STEPS, FINAL_FIT_STEP), metavar="N",
+                       help=f"the best weights of stage N ({FINAL_FIT_STEP}: the final fit; default: the last done)")
     parser.add_argument("--image-size", type=int, help="default: the size that stage trained at")
     parser.add_argument("--tta", type=int, default=TTA_VIEWS, help=f"views per image, 0 for none (default {TTA_VIEWS})")
     parser.add_argument("--seed", type=int, help="seed of the TTA draws (default: the run's seed)")

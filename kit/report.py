@@ -12,7 +12,6 @@ validation_probabilities.csv (test_probabilities.csv) for kit.ensemble. Metrics 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 from pathlib import Path
 from typing import Sequence
@@ -20,7 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from kit.cli import KitError, add_workdir, main_guard
-from kit.config import SEED, STEPS, VAL_FRACTION, Workdir
+from kit.config import FINAL_FIT_STEP, SEED, STEPS, VAL_FRACTION, Workdir
 from kit.dataset import drop_unreadable, load_resized, load_split, read_test
 from kit.download import is_hidden, is_image, image_files, read_description
 from kit.files import write_text
@@ -58,12 +57,13 @@ def classification_report(rows: list[dict], accuracy: float) -> str:
 
 
 def stage_histories(workdir: Workdir) -> dict[str, list[dict]]:
+    from kit.stages import read_log
+
     histories = {}
-    for step in STEPS:
-        log = workdir.stage_dir(step) / "log.csv"
-        if log.is_file():
-            with open(log, newline="") as f:
-                histories[f"stage {step}"] = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    for step in (*STEPS, FINAL_FIT_STEP):
+        history = read_log(workdir, step)
+        if history:
+            histories["final fit" if step == FINAL_FIT_STEP else f"stage {step}"] = history
     return histories
 
 
@@ -159,10 +159,11 @@ def write_report(workdir: Workdir, loaded: LoadedModel, tta: int, seed: int, wor
     test = test_set(workdir, loaded, workers, test_dir)
     if test is not None:
         sections["test"] = test[:4]
-    metrics = {"model": loaded.describe(), "classes": list(loaded.classes)}
+    metrics = {"model": loaded.describe(), "classes": list(loaded.classes), "final_fit": loaded.final_fit}
     summary = [f"Model: {loaded.describe()}"]
     for name, (images, keys, labels, paths) in sections.items():
         result, probs = evaluate(loaded, images, keys, labels, tta, seed, workers)
+        result["held_out"] = not (name == "validation" and loaded.final_fit)
         metrics[name] = result
         # With the true class, for kit.ensemble to score combinations on the same photos.
         table = probability_table(keys, probs, loaded.classes)
@@ -171,6 +172,9 @@ def write_report(workdir: Workdir, loaded: LoadedModel, tta: int, seed: int, wor
         if name == "validation":
             write_top_losses(probs, labels, paths, loaded.classes, folder / "top_losses.png")
         source = f" ({test[4]})" if name == "test" else ""
+        if not result["held_out"]:
+            source = (" (the final fit trained on them: not a held-out score; report --stage "
+                      f"{FINAL_FIT_STEP - 1} for the validated model's)")
         summary += ["", f"{name.capitalize()} images{source}: {result['images']}"]
         summary += [f"accuracy ({view}): {accuracy:.4f}" for view, accuracy in result["accuracy"].items()]
         summary += [f"unreadable, not scored: {', '.join(result['unreadable'])}"] if result["unreadable"] else []

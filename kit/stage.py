@@ -5,6 +5,11 @@
     python -m kit.stage --all                # every stage not yet done, resuming an interrupted one
     python -m kit.stage --status             # what is done, interrupted, or not started
     python -m kit.stage --copy-run-from DIR  # continue a run saved elsewhere (a Kaggle version's output)
+    python -m kit.stage --final-fit          # the last stage again on training + validation images
+
+Training options beyond the 2021 recipe (each off unless given, or unless --profile modern):
+--label-smoothing, --ema, --schedule cosine --warmup-epochs, --mixup, --cutmix, --weight-decay.
+--pseudo-labels FILE trains a new run on test photos labelled by kit.pseudo as well.
 
 Checkpoints go to <workdir>/weights/stage_N/ every --save-every steps (default: about every ten
 minutes) and at every epoch end; a hard kill loses at most the batches since the last one.
@@ -22,7 +27,7 @@ from pathlib import Path
 from typing import Sequence
 
 from kit.cli import EXIT_DONE, EXIT_STOPPED, KitError, add_workdir, main_guard, workdir_lock
-from kit.config import PROFILES, STEPS, Workdir
+from kit.config import FINAL_FIT_STEP, PROFILES, SCHEDULES, STEPS, TrainingOptions, Workdir
 from kit.pipeline import DEFAULT_WORKERS
 
 STAGE_OVERRIDES = ("image_size", "batch_size", "lr", "epochs", "steps_per_epoch")
@@ -39,6 +44,25 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
                                                        "(one work directory per fold; kit.ensemble combines them)")
     learned.add_argument("--class-weights", action=argparse.BooleanOptionalAction, default=None,
                          help="weight the loss against class imbalance (kept by a stage from its start)")
+    learned.add_argument("--pseudo-labels", type=Path, metavar="FILE",
+                         help="also train on the test photos this list labels (written by kit.pseudo); fixed "
+                              "when the run starts, never used for validation")
+    options = parser.add_argument_group("training options beyond the recipe (each kept by a stage from its start; "
+                                        "default: the profile's, off except in --profile modern)")
+    options.add_argument("--label-smoothing", type=float, metavar="EPS", help="spread EPS of each target over all "
+                                                                              "classes (e.g. 0.1)")
+    options.add_argument("--ema", type=float, metavar="MOMENTUM",
+                         help="validate and keep an exponential moving average of the weights (e.g. 0.999; "
+                              "smaller for short stages; 0: off)")
+    options.add_argument("--schedule", choices=SCHEDULES,
+                         help="plateau: the recipe's ReduceLROnPlateau; cosine: cosine decay over the stage's steps")
+    options.add_argument("--warmup-epochs", type=float, metavar="E", help="linear warm-up before the cosine decay")
+    options.add_argument("--mixup", type=float, metavar="ALPHA", help="MixUp with Beta(ALPHA, ALPHA) (e.g. 0.2)")
+    options.add_argument("--cutmix", type=float, metavar="FACTOR",
+                         help="CutMix (Keras' layer: box areas from Beta(a, a), a drawn from [0, FACTOR]; e.g. 1.0); "
+                              "with --mixup, each batch takes one of the two")
+    options.add_argument("--weight-decay", type=float, metavar="WD", help="AdamW with this decoupled weight decay "
+                                                                          "(e.g. 0.05) instead of Adam")
     how = parser.add_argument_group("how it runs (may change between sessions)")
     how.add_argument("--time-budget", type=float, metavar="MINUTES",
                      help="stop cleanly with a checkpoint before this many minutes have passed since the session "
@@ -66,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--status", action="store_true", help="show the stages' state")
     what.add_argument("--copy-run-from", type=Path, metavar="DIR",
                       help="copy the run (weights/) of the work directory DIR, read-only, into this one")
+    what.add_argument("--final-fit", action="store_true",
+                      help=f"after the last stage: train it again from the weights it started from on training + "
+                           f"validation images, for its best epoch count (stage {FINAL_FIT_STEP}; no held-out score)")
     again = parser.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue the stage's interrupted run at its next batch")
     again.add_argument("--restart", action="store_true",
@@ -82,13 +109,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 def requested_from(args: argparse.Namespace):
     from kit.dataset import parse_fold
+    from kit.files import sha256
     from kit.run import Requested
 
     overrides = {name: getattr(args, name, None) for name in STAGE_OVERRIDES}
     if args.fold:
         parse_fold(args.fold)  # a typo is refused before anything starts
+    pseudo = None
+    if args.pseudo_labels is not None:
+        if not args.pseudo_labels.is_file():
+            raise KitError(f"--pseudo-labels {args.pseudo_labels} does not exist. Write the list with "
+                           "'python -m kit.pseudo --from RUN --threshold P'.")
+        pseudo = sha256(args.pseudo_labels)
     return Requested(backbone=args.backbone, weights=args.weights, seed=args.seed, val_fraction=args.val_fraction,
-                     fold=args.fold, class_weights=args.class_weights, stage_overrides=overrides)
+                     fold=args.fold, class_weights=args.class_weights, pseudo_labels=pseudo,
+                     stage_overrides=overrides, options=training_options(args))
+
+
+def training_options(args: argparse.Namespace) -> dict:
+    """The TrainingOptions fields given on the command line, checked (None-valued ones left out)."""
+    given = {f: getattr(args, f) for f in TrainingOptions.__dataclass_fields__ if getattr(args, f, None) is not None}
+    for name, value in given.items():
+        if name == "schedule":
+            continue
+        low, high = (0.0, 1.0) if name in ("label_smoothing", "ema") else (0.0, float("inf"))
+        if not low <= value < high:
+            raise KitError(f"--{name.replace('_', '-')} {value:g} is out of range: it takes a number from {low:g}"
+                           f"{f' up to (not including) {high:g}' if high < float('inf') else ' up'}.")
+    if given.get("warmup_epochs") and given.get("schedule", "plateau") != "cosine":
+        raise KitError("--warmup-epochs warms up the cosine schedule: add --schedule cosine (the plateau schedule "
+                       "starts at the stage's rate).")
+    return given
 
 
 def execution_from(args: argparse.Namespace):
@@ -119,7 +170,11 @@ def train(workdir: Workdir, profile, args: argparse.Namespace) -> str:
     with workdir_lock(workdir, "training run"):
         config = run.run_config(stages.read_manifest(workdir)["config"], profile, requested, workdir,
                                 read_description(workdir).classes)
+        if args.pseudo_labels is not None:
+            keep_pseudo_labels(workdir, args.pseudo_labels)
         execution = execution_from(args)
+        if getattr(args, "final_fit", False):
+            return final_fit(workdir, config, requested, execution)
         if args.all:
             given = [f"--{k.replace('_', '-')}" for k, v in requested.stage_overrides.items() if v is not None]
             if given:
@@ -131,6 +186,31 @@ def train(workdir: Workdir, profile, args: argparse.Namespace) -> str:
         saved = None if execution.restart else stages.saved_plan(workdir, args.step)
         plan = run.stage_plan(saved, profile, args.step, requested, workdir)
         return stages.run_stage(workdir, plan, config, execution)
+
+
+def keep_pseudo_labels(workdir: Workdir, source: Path) -> None:
+    """Copy the list into the run (once, when it starts), after checking it fits this dataset."""
+    from kit.dataset import read_pseudo_labels
+    from kit.files import write_bytes
+
+    if workdir.pseudo_labels.is_file():
+        return  # the run's own copy; run_config has already refused a different list
+    rows = read_pseudo_labels(source, workdir)
+    write_bytes(workdir.pseudo_labels, source.read_bytes())
+    print(f"Training on {len(rows)} pseudo-labelled test photos as well ({source}; kept as {workdir.pseudo_labels})")
+
+
+def final_fit(workdir: Workdir, config, requested, execution) -> str:
+    """The final fit (stage FINAL_FIT_STEP): start it, or resume it, as the last stage's record says."""
+    from kit import run, stages
+
+    status = stages.stage_status(workdir, FINAL_FIT_STEP)
+    if execution.resume and status == "not started":
+        execution.resume = False
+    saved = None if execution.restart else stages.saved_plan(workdir, FINAL_FIT_STEP)
+    last = stages.read_manifest(workdir)["stages"].get(str(STEPS[-1]), {})
+    plan = run.final_fit_plan(saved, last, stages.read_log(workdir, STEPS[-1]), requested, workdir)
+    return stages.run_stage(workdir, plan, config, execution)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

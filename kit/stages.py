@@ -24,14 +24,15 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import pandas as pd
 from tqdm.auto import tqdm
 
-from kit import checkpoint
+from kit import checkpoint, recipe
 from kit.augment import plain_transform, train_transform
 from kit.backbones import build_model, choose_precision, describe_device, set_trainable
 from kit.cli import KitError
-from kit.config import Stage, Workdir
-from kit.dataset import class_weights, drop_unreadable, load_split
+from kit.config import FINAL_FIT_STEP, Stage, Workdir
+from kit.dataset import Split, class_weights, drop_unreadable, load_split
 from kit.files import atomic_path, write_text
 from kit.pipeline import Batches, CacheIncomplete, cache_is_complete, default_cache_root, open_training_cache
 from kit.plots import plot_curves
@@ -78,6 +79,19 @@ def saved_plan(workdir: Workdir, step: int) -> dict | None:
     return None
 
 
+def stage_args(step: int) -> tuple[str, ...]:
+    """The kit.stage flags that name stage `step` (the final fit has its own)."""
+    return ("--final-fit",) if step == FINAL_FIT_STEP else ("--step", str(step))
+
+
+def read_log(workdir: Workdir, step: int) -> list[dict]:
+    """Stage `step`'s log.csv: one row per finished epoch (loss, accuracy, val_loss, val_accuracy, lr)."""
+    path = workdir.stage_dir(step) / "log.csv"
+    if not path.is_file():
+        return []
+    return pd.read_csv(path).to_dict("records")
+
+
 def best_weights(workdir: Workdir, step: int) -> Path:
     return workdir.stage_dir(step) / BEST
 
@@ -117,6 +131,10 @@ class LoopState:
     def stage(self) -> Stage:
         return Stage(**self.plan["stage"])
 
+    @property
+    def stage_plan(self) -> StagePlan:
+        return StagePlan.from_dict(self.plan)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -128,16 +146,24 @@ class LoopState:
         return cls(**{k: v for k, v in saved.items() if k in names})
 
 
-def after_epoch(state: LoopState, stage: Stage, val_accuracy: float) -> bool:
-    """ReduceLROnPlateau and EarlyStopping on validation accuracy, as in the recipe; True: stop."""
-    plateau, early = state.plateau, state.early
-    if val_accuracy > plateau["best"] + 1e-4:
-        plateau.update(best=val_accuracy, wait=0)
-    else:
-        plateau["wait"] += 1
-        if plateau["wait"] >= stage.plateau_patience:
-            state.lr = max(state.lr * stage.plateau_factor, stage.min_lr)
-            plateau["wait"] = 0
+def after_epoch(state: LoopState, plan: StagePlan, val_accuracy: float) -> bool:
+    """ReduceLROnPlateau and EarlyStopping on validation accuracy, as in the recipe; True: stop.
+
+    A cosine schedule sets the rate itself (early stopping still applies). The final fit has no
+    validation to judge by: it takes the rate the validated stage had in the next epoch.
+    """
+    stage, plateau, early = plan.stage, state.plateau, state.early
+    if plan.final_fit:
+        state.lr = plan.final_fit.lrs[min(state.epoch + 1, len(plan.final_fit.lrs) - 1)]
+        return False
+    if plan.options.schedule == "plateau":
+        if val_accuracy > plateau["best"] + 1e-4:
+            plateau.update(best=val_accuracy, wait=0)
+        else:
+            plateau["wait"] += 1
+            if plateau["wait"] >= stage.plateau_patience:
+                state.lr = max(state.lr * stage.plateau_factor, stage.min_lr)
+                plateau["wait"] = 0
     if val_accuracy > early["best"]:
         early.update(best=val_accuracy, wait=0)
     else:
@@ -241,6 +267,7 @@ class StageData:
     train: Batches
     val: Batches
     class_weight: dict[int, float] | None
+    mix: recipe.BatchMixer  # one-hot targets, MixUp/CutMix where the options ask
     train_images: int
     val_images: int
 
@@ -265,14 +292,15 @@ def run_stage(workdir: Workdir, plan: StagePlan, config: RunConfig, execution: E
             return _stopped(workdir, stage.step, why)
         setup_started = time.monotonic()
         model, state = prepare_model(workdir, plan, config, execution, previous, data)
-        print(f"Stage {stage.step}: {config.backbone} at {stage.image_size} px, batch {stage.batch_size}, "
-              f"lr {state.lr:.2g}, {stage.describe_trainable()}, {state.runtime['precision']}"
+        print(f"Stage {stage.step}{_final_fit_note(plan)}: {config.backbone} at {stage.image_size} px, batch "
+              f"{stage.batch_size}, lr {state.lr:.2g}, {stage.describe_trainable()}, {state.runtime['precision']}"
               f"{' with XLA' if state.runtime['jit'] else ''} on {state.runtime['device']}"
-              f"{', class-weighted loss' if plan.class_weights else ''}, "
+              f"{', class-weighted loss' if plan.class_weights else ''}"
+              f"{', ' + plan.options.describe() if plan.options.describe() else ''}, "
               f"{data.train_images} training / {data.val_images} validation images, {len(data.train)} steps per "
               "epoch", flush=True)
 
-        while state.epoch < stage.epochs and not state.stopped_early:
+        while state.epoch < plan.epochs and not state.stopped_early:
             finished = train_epoch(model, data, state, timer, stop_requests, execution, workdir, setup_started)
             setup_started = None
             if not finished or timer.would_pass("validation"):
@@ -282,6 +310,13 @@ def run_stage(workdir: Workdir, plan: StagePlan, config: RunConfig, execution: E
             validate_epoch(workdir, model, data, state, timer)
             save_checkpoint(workdir, model, state, timer)
     return finish_stage(workdir, state, timer)
+
+
+def _final_fit_note(plan: StagePlan) -> str:
+    if not plan.final_fit:
+        return ""
+    return (f" (final fit: stage {plan.final_fit.replays} again on training + validation images, "
+            f"{plan.final_fit.epochs} epoch{'s' if plan.final_fit.epochs > 1 else ''}, as validated)")
 
 
 def check_can_start(workdir: Workdir, plan: StagePlan, execution: Execution):
@@ -296,14 +331,14 @@ def check_can_start(workdir: Workdir, plan: StagePlan, execution: Execution):
     if status == "done":
         record = read_manifest(workdir)["stages"][str(step)]
         raise KitError(f"Stage {step} is already done (best val_acc {record.get('best_val_accuracy', 0):.4f}). Run "
-                       f"the next stage, or '{workdir.command('kit.stage', '--step', str(step), '--restart')}' to "
+                       f"the next stage, or '{workdir.command('kit.stage', *stage_args(step), '--restart')}' to "
                        f"train it again from stage {step - 1}'s weights (later stages are then discarded).")
     previous = checkpoint.newest_readable(folder) if status == "interrupted" else None
     if status == "interrupted" and not execution.resume:
         where = (f"at epoch {previous[2]['epoch'] + 1}, step {previous[2]['step']}" if previous
                  else "before its first checkpoint")
         raise KitError(f"Stage {step} was interrupted {where}. Run "
-                       f"'{workdir.command('kit.stage', '--step', str(step), '--resume')}' to continue, or --restart "
+                       f"'{workdir.command('kit.stage', *stage_args(step), '--resume')}' to continue, or --restart "
                        f"to discard that run and start stage {step} over.")
     if status == "not started" and step > 1 and (before := stage_status(workdir, step - 1)) != "done":
         resume = ["--resume"] if before == "interrupted" else []
@@ -312,11 +347,21 @@ def check_can_start(workdir: Workdir, plan: StagePlan, execution: Execution):
     return previous
 
 
+def run_split(workdir: Workdir, config: RunConfig) -> Split:
+    """The run's saved split, its training side extended by the run's pseudo-labelled test photos, if any."""
+    return load_split(workdir, config.val_fraction, config.seed, config.fold,
+                      workdir.pseudo_labels if config.pseudo_labels else None)
+
+
 def prepare_data(workdir: Workdir, plan: StagePlan, config: RunConfig, execution: Execution,
                  costs: dict) -> StageData:
-    """The saved split, the image cache at this stage's size (built within the budget), seeded batches."""
+    """The saved split, the image cache at this stage's size (built within the budget), seeded batches.
+
+    The final fit trains on the validation images too, and still scores them each epoch (as a
+    check that training went as before, not as a held-out figure).
+    """
     stage = plan.stage
-    split = load_split(workdir, config.val_fraction, config.seed, config.fold)
+    split = run_split(workdir, config)
     cache_root = execution.cache_dir or default_cache_root(workdir.cache)
     images = len(split.train) + len(split.val)
     started = time.time()
@@ -327,6 +372,8 @@ def prepare_data(workdir: Workdir, plan: StagePlan, config: RunConfig, execution
         costs["cache_image_s"] = max(costs.get("cache_image_s", 0.0), (time.time() - started) / images)
     train = drop_unreadable(split.train, cache.unreadable, "training")
     val = drop_unreadable(split.val, cache.unreadable, "validation")
+    if plan.final_fit:
+        train = pd.concat([train, val], ignore_index=True)
     train_batches = Batches(cache, train.Category.to_numpy(), stage.batch_size,
                             lambda: train_transform(stage.image_size, stage.light_augment), config.seed, stage.step,
                             shuffle=True, workers=execution.workers, steps=stage.steps_per_epoch,
@@ -338,7 +385,8 @@ def prepare_data(workdir: Workdir, plan: StagePlan, config: RunConfig, execution
         raise KitError(f"Stage {stage.step} has {len(train)} training images, fewer than one batch of "
                        f"{stage.batch_size}: lower --batch-size (with --restart) or add data.")
     weights = class_weights(train.Category.to_numpy(), len(config.classes)) if plan.class_weights else None
-    return StageData(train_batches, val_batches, weights, len(train), len(val))
+    mix = recipe.BatchMixer(plan.options, len(config.classes), config.seed, stage.step)
+    return StageData(train_batches, val_batches, weights, mix, len(train), len(val))
 
 
 def prepare_model(workdir: Workdir, plan: StagePlan, config: RunConfig, execution: Execution, previous,
@@ -356,8 +404,9 @@ def prepare_model(workdir: Workdir, plan: StagePlan, config: RunConfig, executio
     model = build_model(config.backbone, stage.image_size, len(config.classes),
                         config.weights if stage.step == 1 else "none", config.head)
     set_trainable(model, stage.trainable)
-    model.compile(optimizer=keras.optimizers.Adam(stage.lr), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"], jit_compile={"auto": "auto", "on": True, "off": False}[execution.jit])
+    model.compile(optimizer=recipe.optimizer(stage, plan.options, len(data.train)), loss=recipe.loss(plan.options),
+                  metrics=["categorical_accuracy"],
+                  jit_compile={"auto": "auto", "on": True, "off": False}[execution.jit])
     model.optimizer.build(model.trainable_variables)
     runtime = {"precision": precision, "device": describe_device(), "jit": bool(model.jit_compile)}
 
@@ -374,23 +423,36 @@ def prepare_model(workdir: Workdir, plan: StagePlan, config: RunConfig, executio
                       f"continues under {precision} on {runtime['device']}; Adam's state is kept"
                       + "".join(f", {n}" for n in notes) + ". Training continues correctly but not bit for bit.")
         else:
-            state = LoopState(plan=plan.to_dict(), config=dataclasses.asdict(config), lr=stage.lr)
-            if stage.step > 1:
-                checkpoint.load_weights(best_weights(workdir, stage.step - 1), model)
+            state = LoopState(plan=plan.to_dict(), config=dataclasses.asdict(config),
+                              lr=plan.final_fit.lrs[0] if plan.final_fit else stage.lr)
+            start = plan.final_fit.replays if plan.final_fit else stage.step  # from the weights it started from
+            if start > 1:
+                checkpoint.load_weights(best_weights(workdir, start - 1), model)
     except checkpoint.IncompatibleCheckpoint as error:
         raise KitError(str(error)) from None
     _take_best_on_disk(workdir, state)
     state.runtime = runtime
-    model.optimizer.learning_rate.assign(state.lr)
+    if not previous:  # a resumed state already holds the rate its epoch started with
+        _set_learning_rate(model, plan, state)
+    elif plan.options.schedule != "cosine":
+        model.optimizer.learning_rate.assign(state.lr)
     return model, state
+
+
+def _set_learning_rate(model: keras.Model, plan: StagePlan, state: LoopState) -> None:
+    """At an epoch's start: the plateau rule's rate into the optimizer, or the cosine schedule's into the log."""
+    if plan.options.schedule == "cosine":
+        state.lr = recipe.current_learning_rate(model)
+    else:
+        model.optimizer.learning_rate.assign(state.lr)
 
 
 def train_epoch(model: keras.Model, data: StageData, state: LoopState, timer: Timer, stop_requests: _StopRequests,
                 execution: Execution, workdir: Workdir, setup_started: float | None) -> bool:
     """Train from the state's position to the epoch's end; False when stopped first (budget or signal)."""
-    stage = state.stage
+    stage, plan = state.stage, state.stage_plan
     bar = tqdm(total=len(data.train), initial=state.step, desc=f"stage {stage.step} epoch {state.epoch + 1}/"
-               f"{stage.epochs}", disable=not sys.stderr.isatty(), leave=False, mininterval=0.5)
+               f"{plan.epochs}", disable=not sys.stderr.isatty(), leave=False, mininterval=0.5)
     try:
         for x, y in data.train.epoch(state.epoch, start=state.step):
             if stop_requests.requested or timer.would_pass("step"):
@@ -398,7 +460,8 @@ def train_epoch(model: keras.Model, data: StageData, state: LoopState, timer: Ti
             step_started = time.monotonic()
             # Per-batch figures whatever the Keras version does with its running metrics.
             model.reset_metrics()
-            loss, accuracy = model.train_on_batch(x, y, class_weight=data.class_weight)
+            x, targets = data.mix(x, y, state.epoch, state.step)
+            loss, accuracy = model.train_on_batch(x, targets, class_weight=data.class_weight)
             if setup_started is not None:  # the first step of a session compiles: part of the set-up
                 timer.note("setup", time.monotonic() - setup_started)
                 setup_started = None
@@ -419,24 +482,31 @@ def train_epoch(model: keras.Model, data: StageData, state: LoopState, timer: Ti
 
 
 def validate_epoch(workdir: Workdir, model: keras.Model, data: StageData, state: LoopState, timer: Timer) -> None:
-    """Score the epoch, keep the best weights, apply the plateau and early-stopping rules, move to the next epoch."""
-    stage, epoch = state.stage, state.epoch
+    """Score the epoch, keep the best weights, apply the plateau and early-stopping rules, move to the next epoch.
+
+    With an EMA of the weights, the averaged weights are the ones scored and kept. The final fit
+    keeps its last epoch's weights: its validation images are training images.
+    """
+    stage, plan, epoch = state.stage, state.stage_plan, state.epoch
     started = time.monotonic()
-    val_loss, val_accuracy = evaluate(model, data.val)
-    timer.note("validation", time.monotonic() - started)
     sums = state.sums
-    row = {"epoch": epoch + 1, "loss": sums["loss"] / max(sums["seen"], 1),
-           "accuracy": sums["correct"] / max(sums["seen"], 1), "val_loss": val_loss,
-           "val_accuracy": val_accuracy, "lr": state.lr}
+    with recipe.averaged_weights(model):
+        val_loss, val_accuracy = evaluate(model, data.val)
+        row = {"epoch": epoch + 1, "loss": sums["loss"] / max(sums["seen"], 1),
+               "accuracy": sums["correct"] / max(sums["seen"], 1), "val_loss": val_loss,
+               "val_accuracy": val_accuracy, "lr": state.lr}
+        if plan.final_fit and epoch + 1 == plan.epochs:
+            _save_final(workdir, model, state, val_accuracy)
+        elif not plan.final_fit and val_accuracy > state.best_val_accuracy:
+            _save_best(workdir, model, state, val_accuracy)
+    timer.note("validation", time.monotonic() - started)
     state.history.append(row)
-    if val_accuracy > state.best_val_accuracy:
-        _save_best(workdir, model, state, val_accuracy)
-    state.stopped_early = after_epoch(state, stage, val_accuracy)
-    model.optimizer.learning_rate.assign(state.lr)
+    state.stopped_early = after_epoch(state, plan, val_accuracy)
     state.epoch, state.step, state.sums = epoch + 1, 0, {"loss": 0.0, "correct": 0.0, "seen": 0}
-    print(f"stage {stage.step} epoch {epoch + 1}/{stage.epochs}: loss {row['loss']:.4f}"
+    _set_learning_rate(model, plan, state)
+    print(f"stage {stage.step} epoch {epoch + 1}/{plan.epochs}: loss {row['loss']:.4f}"
           f" acc {row['accuracy']:.4f} val_loss {val_loss:.4f} val_acc {val_accuracy:.4f} lr {row['lr']:.2g}"
-          f"{' (best)' if state.best_epoch == epoch + 1 else ''}", flush=True)
+          f"{' (best)' if state.best_epoch == epoch + 1 and not plan.final_fit else ''}", flush=True)
     _write_log(workdir.stage_dir(stage.step), stage.step, state.history)
 
 
@@ -468,6 +538,14 @@ def _save_best(workdir: Workdir, model: keras.Model, state: LoopState, val_accur
         state.best_val_accuracy, state.best_epoch = on_disk["val_accuracy"], on_disk["epoch"]
 
 
+def _save_final(workdir: Workdir, model: keras.Model, state: LoopState, val_accuracy: float) -> None:
+    """The final fit's weights: its last epoch's, marked as trained on the validation images."""
+    state.best_val_accuracy, state.best_epoch = val_accuracy, state.epoch + 1
+    checkpoint.save(best_weights(workdir, state.stage.step), model,
+                    {"val_accuracy": val_accuracy, "epoch": state.epoch + 1, "stage": state.stage.step,
+                     "image_size": state.stage.image_size, "config": state.config, "final_fit": True})
+
+
 def _take_best_on_disk(workdir: Workdir, state: LoopState) -> None:
     """The state's best is the best file's when the file holds better (written, then the checkpoint lost)."""
     on_disk = checkpoint.read_state(best_weights(workdir, state.stage.step)) or {}
@@ -493,7 +571,8 @@ def save_checkpoint(workdir: Workdir, model: keras.Model, state: LoopState, time
 def _stopped(workdir: Workdir, step: int, why: str, state: LoopState | None = None) -> str:
     where = f" at epoch {state.epoch + 1}, step {state.step}, with a checkpoint" if state else ""
     print(f"Stage {step}: stopped for {why}{where}. Continue with "
-          f"'{workdir.command('kit.stage', '--step', str(step), '--resume')}' (or --all).")
+          f"'{workdir.command('kit.stage', *stage_args(step), '--resume')}'"
+          f"{'' if step == FINAL_FIT_STEP else ' (or --all)'}.")
     return "stopped"
 
 
@@ -508,8 +587,12 @@ def finish_stage(workdir: Workdir, state: LoopState, timer: Timer) -> str:
                         finished_at=time.strftime("%Y-%m-%d %H:%M:%S"))
     for old in checkpoint.list_checkpoints(folder):  # the stage is done: its best weights are what matters
         old.unlink()
-    print(f"Stage {stage.step} done: best val_acc {state.best_val_accuracy:.4f} (epoch {state.best_epoch}), "
-          f"weights in {folder / BEST}")
+    if state.stage_plan.final_fit:
+        print(f"Final fit done: weights of its last epoch in {folder / BEST} (val_acc {state.best_val_accuracy:.4f} "
+              "on validation images it trained on: not a held-out score)")
+    else:
+        print(f"Stage {stage.step} done: best val_acc {state.best_val_accuracy:.4f} (epoch {state.best_epoch}), "
+              f"weights in {folder / BEST}")
     return "done"
 
 
@@ -569,10 +652,12 @@ def copy_run(source: Workdir, target: Workdir) -> None:
 
 
 def status_table(workdir: Workdir, stages: tuple[Stage, ...]) -> str:
+    """One line per stage, and one for the final fit once it has started (its val_acc is on images it trained on)."""
     manifest = read_manifest(workdir)
     lines = [f"{'step':>4}  {'size':>4}  {'trainable':<26} {'status':<34} {'best val_acc':>12} {'epochs':>6}"
              f" {'wall time':>9}"]
-    for stage in stages:
+    final = manifest["stages"].get(str(FINAL_FIT_STEP))
+    for stage in (*stages, *([Stage(**final["plan"]["stage"])] if final and "plan" in final else [])):
         record = manifest["stages"].get(str(stage.step), {})
         status = stage_status(workdir, stage.step)
         if status == "interrupted":
@@ -586,8 +671,11 @@ def status_table(workdir: Workdir, stages: tuple[Stage, ...]) -> str:
         row = Stage(**record["plan"]["stage"]) if "plan" in record else stage
         best = record.get("best_val_accuracy")
         best = f"{best:.4f}" if best is not None and best >= 0 else "-"
+        what = row.describe_trainable()
+        if stage.step == FINAL_FIT_STEP:
+            what, best = "final fit: train + val", f"({best} seen)" if best != "-" else best
         wall = record.get("wall_time_s")
-        lines.append(f"{row.step:>4}  {row.image_size:>4}  {row.describe_trainable():<26} {status:<34} "
+        lines.append(f"{row.step:>4}  {row.image_size:>4}  {what:<26} {status:<34} "
                      f"{best:>12} {record.get('epochs', '-'):>6} {_hours(wall) if wall else '-':>9}")
     return "\n".join(lines)
 
@@ -611,7 +699,7 @@ def run_all(workdir: Workdir, plans: list[StagePlan], config: RunConfig, executi
             continue
         if execution.budget.limited:
             if images is None:
-                split = load_split(workdir, config.val_fraction, config.seed, config.fold)
+                split = run_split(workdir, config)
                 images = len(split.train) + len(split.val)
             needed = start_cost(workdir, plan.stage, read_manifest(workdir)["costs"], images, execution)
             if needed > execution.budget.left():

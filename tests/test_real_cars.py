@@ -127,3 +127,27 @@ def test_demo_names_the_datasets_classes(stanford):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_pseudo_labels_from_a_run_train_a_new_one(stanford, tmp_path):
+    assert run_kit(*smoke(stanford, "kit.predict", "--tta", "0")).returncode == 0
+    labels = tmp_path / "pseudo.csv"
+    result = run_kit("kit.pseudo", "--from", str(stanford / "smoke"), "--threshold", "0.5", "--out", str(labels))
+    assert result.returncode == 0, result.stderr[-2000:]
+    chosen = pd.read_csv(labels)
+    assert list(chosen.columns) == ["Id", "class", "probability"] and len(chosen) > 0
+    assert chosen.Id.str.startswith("test/").all() and (chosen.probability >= 0.5).all()
+    assert set(chosen["class"]) <= set(CLASSES)
+
+    new = tmp_path / "new"
+    assert run_kit(*smoke(new, "kit.download", "--from-dir", str(stanford / "smoke" / "data"))).returncode == 0
+    trained = run_kit(*smoke(new, "kit.stage", "--step", "1", "--epochs", "1", "--pseudo-labels", str(labels)))
+    assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-2000:]
+    assert f"{384 + len(chosen)} training / 96 validation images" in trained.stdout
+    split = pd.read_csv(new / "smoke" / "weights" / "split.csv")  # the split holds real labels only
+    assert not split.Id.str.startswith("test/").any() and (split.fold == "val").sum() == 96
+
+    other = tmp_path / "other.csv"
+    chosen.iloc[:1].to_csv(other, index=False)
+    refused = run_kit(*smoke(new, "kit.stage", "--step", "2", "--pseudo-labels", str(other)))
+    assert refused.returncode == 2 and "--pseudo-labels with another list than this run's" in refused.stderr

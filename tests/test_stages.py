@@ -103,17 +103,25 @@ def stage_one(tmp_path_factory) -> Path:
     return root
 
 
-def test_resume_after_sigkill_is_exact(stage_one, tmp_path):
+# Every training option on at once: the EMA of the weights, AdamW's decay, the cosine schedule's position
+# and each batch's MixUp/CutMix draw must all survive the kills for the weights to match.
+EVERY_OPTION = ["--label-smoothing", "0.1", "--ema", "0.8", "--schedule", "cosine", "--warmup-epochs", "0.5",
+                "--mixup", "0.4", "--cutmix", "1.0", "--weight-decay", "0.05"]
+
+
+@pytest.mark.parametrize("options", [[], EVERY_OPTION], ids=["recipe", "every-option"])
+def test_resume_after_sigkill_is_exact(stage_one, tmp_path, options):
     reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
     shutil.copytree(stage_one, reference)
     shutil.copytree(stage_one, interrupted)
 
-    done = subprocess.run(stage_command(reference, "--step", "2"), capture_output=True, text=True, env=ENV)
+    done = subprocess.run(stage_command(reference, "--step", "2", *options), capture_output=True, text=True,
+                          env=ENV)
     assert done.returncode == 0, done.stderr[-3000:]
 
     folder = Workdir.resolve(interrupted, SMOKE).stage_dir(2)
     # Kill 1, mid-epoch: checkpoints every 4 batches; killed as soon as the one after batch 4 exists.
-    first = start(stage_command(interrupted, "--step", "2", "--save-every", "4"))
+    first = start(stage_command(interrupted, "--step", "2", "--save-every", "4", *options))
     wait_for(lambda: (folder / checkpoint.checkpoint_name(0, 4)).exists(), first)
     kill(first)
     assert stage_status(Workdir.resolve(interrupted, SMOKE), 2) == "interrupted"
@@ -131,6 +139,8 @@ def test_resume_after_sigkill_is_exact(stage_one, tmp_path):
                             capture_output=True, text=True, env=ENV)
     assert finish.returncode == 0, finish.stderr[-3000:]
     assert "Stage 2: resuming from checkpoint-" in finish.stdout
+    if options:
+        assert "EMA 0.8, cosine schedule" in finish.stdout and "AdamW 0.05" in finish.stdout
 
     a, b = Workdir.resolve(reference, SMOKE), Workdir.resolve(interrupted, SMOKE)
     ref, got = best_arrays(a, 2), best_arrays(b, 2)
@@ -368,6 +378,37 @@ def test_smoke_run_learns(smoke_run):
     manifest = json.loads((smoke_run / "weights" / "state.json").read_text())
     assert [manifest["stages"][str(s)]["status"] for s in range(1, 8)] == ["done"] * 7
     assert manifest["stages"]["7"]["best_val_accuracy"] >= 0.90
+
+
+def test_final_fit_replays_the_last_stage_on_training_and_validation_images(smoke_run, tmp_path):
+    root = tmp_path / "run"
+    shutil.copytree(smoke_run.parent, root, symlinks=True)
+    workdir = Workdir.resolve(root, SMOKE)
+    last = read_manifest(workdir)["stages"]["7"]
+    result = run_kit("kit.stage", "--final-fit", "--profile", "smoke", "--workdir", str(root))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert f"stage 7 again on training + validation images, {last['best_epoch']} epoch" in result.stdout
+    assert "800 training / 160 validation images" in result.stdout  # all 800 labelled smoke photos train
+    history = log_rows(workdir, 8)
+    assert len(history) == 1 + last["best_epoch"]
+    assert [row.split(",")[-1] for row in history[1:]] == [row.split(",")[-1] for row in log_rows(workdir, 7)[
+        1:1 + last["best_epoch"]]]  # the validated stage's learning rate, epoch by epoch
+    assert "final fit: train + val" in status_table(workdir, SMOKE.stages)
+    assert checkpoint.read_state(workdir.stage_dir(8) / "best.weights.npz")["final_fit"] is True
+
+    report = run_kit("kit.report", "--tta", "0", "--profile", "smoke", "--workdir", str(root))
+    assert report.returncode == 0, report.stderr[-2000:]
+    metrics = json.loads((workdir.report / "metrics.json").read_text())
+    assert metrics["final_fit"] is True and metrics["validation"]["held_out"] is False
+    assert "not a held-out score" in report.stdout and "final fit" in metrics["model"]
+
+    again = run_kit("kit.stage", "--final-fit", "--profile", "smoke", "--workdir", str(root))
+    assert again.returncode == 2 and "--final-fit --restart" in " ".join(again.stderr.split())
+
+
+def test_final_fit_needs_the_last_stage_and_takes_no_new_settings(stage_one):
+    refused = run_kit("kit.stage", "--final-fit", "--workdir", str(stage_one), "--profile", "smoke")
+    assert refused.returncode == 2 and "stage 7 must be done first" in " ".join(refused.stderr.split())
 
 
 def test_the_stage_record_says_how_it_ran(stage_one):

@@ -1,0 +1,107 @@
+"""A stage's training options as Keras objects: optimizer, learning-rate schedule, loss, batch mixing, EMA weights.
+
+Each option is Keras' own where Keras has it: AdamW's decoupled weight decay, the optimizers'
+`use_ema`, `CosineDecay` with its linear warm-up, the loss's label smoothing, the `MixUp` and
+`CutMix` layers. What this module adds is what exact resume needs: every random draw is a
+function of (seed, stage, epoch, step), and every other piece of state (the EMA of the weights,
+the schedule's position) is an optimizer variable, so it is in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import keras
+import numpy as np
+
+from kit.config import Stage, TrainingOptions
+
+NO_DECAY = ["bias", "gamma", "beta"]  # biases and normalisation scales are not decayed (as timm and BiT do)
+
+
+def learning_rate(stage: Stage, options: TrainingOptions, steps_per_epoch: int):
+    """The optimizer's learning rate: a number the plateau rule lowers, or a cosine schedule over the stage's steps.
+
+    The cosine schedule is read at the optimizer's step counter, which every checkpoint holds, so a
+    resumed stage continues on the same curve. It ends at the row's minimum rate, like plateau decay.
+    """
+    if options.schedule != "cosine":
+        return stage.lr
+    total = max(1, stage.epochs * steps_per_epoch)
+    warmup = min(total - 1, round(options.warmup_epochs * steps_per_epoch))
+    return keras.optimizers.schedules.CosineDecay(
+        stage.lr / 100 if warmup else stage.lr, decay_steps=total - warmup, alpha=stage.min_lr / stage.lr,
+        warmup_target=stage.lr if warmup else None, warmup_steps=warmup)
+
+
+def optimizer(stage: Stage, options: TrainingOptions, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    """Adam as in the recipe, or AdamW with decoupled weight decay; either with an EMA of the weights."""
+    rate = learning_rate(stage, options, steps_per_epoch)
+    ema = {"use_ema": True, "ema_momentum": options.ema} if options.ema else {}
+    if not options.weight_decay:
+        return keras.optimizers.Adam(rate, **ema)
+    adamw = keras.optimizers.AdamW(rate, weight_decay=options.weight_decay, **ema)
+    adamw.exclude_from_weight_decay(var_names=NO_DECAY)
+    return adamw
+
+
+def loss(options: TrainingOptions) -> keras.losses.Loss:
+    """Cross-entropy on one-hot (or mixed) targets, which is what label smoothing and MixUp need.
+
+    Without smoothing or mixing it computes exactly what the recipe's sparse cross-entropy did.
+    """
+    return keras.losses.CategoricalCrossentropy(label_smoothing=options.label_smoothing)
+
+
+def current_learning_rate(model: keras.Model) -> float:
+    return float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
+
+
+class BatchMixer:
+    """One-hot targets, and MixUp or CutMix of the batch where the options ask (Keras' layers).
+
+    The layers would draw from their own seed generator, whose state no checkpoint holds; here each
+    batch's draw gets a fresh generator seeded from (seed, stage, epoch, step), so a resumed stage
+    mixes exactly the batches the uninterrupted one did. With both on, each batch takes one of the
+    two at random (timm's switch). Images stay uint8, rounded, as the model takes them.
+    """
+
+    def __init__(self, options: TrainingOptions, num_classes: int, seed: int, stage: int):
+        self.num_classes, self.seed, self.stage = num_classes, seed, stage
+        self.layers = [layer for layer in (
+            keras.layers.MixUp(alpha=options.mixup, dtype="float32") if options.mixup else None,
+            keras.layers.CutMix(factor=options.cutmix, dtype="float32") if options.cutmix else None) if layer]
+
+    def __call__(self, images: np.ndarray, labels: np.ndarray, epoch: int, step: int) -> tuple[np.ndarray, np.ndarray]:
+        targets = np.eye(self.num_classes, dtype=np.float32)[labels]
+        if not self.layers:
+            return images, targets
+        rng = np.random.default_rng([self.seed, self.stage, epoch, step, 7])  # 7: apart from augment's streams
+        layer = self.layers[rng.integers(len(self.layers))]
+        generator = keras.random.SeedGenerator(int(rng.integers(2 ** 31)))
+        data = {"images": images, "labels": targets}
+        transformation = layer.get_random_transformation(data, training=True, seed=generator)
+        mixed = keras.ops.convert_to_numpy(layer.transform_images(images, transformation))
+        mixed_targets = keras.ops.convert_to_numpy(layer.transform_labels(targets, transformation))
+        return np.clip(np.rint(mixed), 0, 255).astype(np.uint8), mixed_targets.astype(np.float32)
+
+
+@contextlib.contextmanager
+def averaged_weights(model: keras.Model) -> Iterator[None]:
+    """Inside: the model holds the EMA of its trainable weights (when the optimizer keeps one); after: its own.
+
+    Validation scores, and the best-weights file stores, the averaged weights: they are the model
+    the stage delivers. Checkpoints store the raw weights, from which training continues.
+    """
+    optimizer = getattr(model.optimizer, "inner_optimizer", model.optimizer)  # under a float16 loss scale
+    if not optimizer.use_ema:
+        yield
+        return
+    raw = [keras.ops.convert_to_numpy(v) for v in model.trainable_variables]
+    optimizer.finalize_variable_values(model.trainable_variables)
+    try:
+        yield
+    finally:
+        for variable, value in zip(model.trainable_variables, raw):
+            variable.assign(value)

@@ -1,0 +1,120 @@
+"""Training options beyond the recipe: MixUp/CutMix draws, the EMA weights, the cosine schedule, their records."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import run_kit
+from kit import recipe
+from kit.cli import KitError
+from kit.config import PROFILES, TrainingOptions, Workdir, stage_of
+from kit.run import Requested, StagePlan, stage_plan
+
+SMOKE = PROFILES["smoke"]
+
+
+def photos(count: int = 8, size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Each image one flat grey level, so where a mixed pixel came from can be read off its value."""
+    levels = np.linspace(10, 250, count).astype(np.uint8)
+    return np.broadcast_to(levels[:, None, None, None], (count, size, size, 3)).copy(), np.arange(count) % 4
+
+
+def test_without_mixing_targets_are_one_hot_and_images_untouched():
+    images, labels = photos()
+    x, y = recipe.BatchMixer(TrainingOptions(), 4, seed=1, stage=2)(images, labels, epoch=0, step=0)
+    assert x is images and np.array_equal(y, np.eye(4, dtype=np.float32)[labels])
+
+
+@pytest.mark.parametrize("options", [TrainingOptions(mixup=0.4), TrainingOptions(cutmix=1.0),
+                                     TrainingOptions(mixup=0.4, cutmix=1.0)], ids=["mixup", "cutmix", "both"])
+def test_mixing_is_a_function_of_the_batch_position(options):
+    images, labels = photos()
+    mixer = recipe.BatchMixer(options, 4, seed=1, stage=2)
+    x, y = mixer(images, labels, epoch=3, step=5)
+    again_x, again_y = recipe.BatchMixer(options, 4, seed=1, stage=2)(images, labels, epoch=3, step=5)
+    assert x.dtype == np.uint8 and x.shape == images.shape
+    assert np.array_equal(x, again_x) and np.array_equal(y, again_y)  # what a resumed process draws
+    assert not np.array_equal(mixer(images, labels, epoch=3, step=6)[0], x)
+    assert np.allclose(y.sum(axis=1), 1, atol=1e-6) and (y >= 0).all()
+    assert not np.array_equal(y, np.eye(4, dtype=np.float32)[labels])
+
+
+def test_cutmix_pastes_a_box_of_another_photo_and_weights_the_targets_by_its_area():
+    images, labels = photos(size=64)
+    x, y = recipe.BatchMixer(TrainingOptions(cutmix=1.0), 8, seed=3, stage=1)(images, np.arange(8), 0, 0)
+    for k in range(8):
+        own = (x[k, :, :, 0] == images[k, 0, 0, 0]).mean()
+        # Keras weighs by the box's real-valued area; whole pixels differ by at most a pixel's width per side.
+        assert y[k, k] == pytest.approx(own, abs=3 / 64) or own == 1.0  # pasted onto itself: unchanged
+        assert set(np.unique(x[k])) <= set(images[:, 0, 0, 0])  # whole pixels from photos of the batch
+
+
+def test_ema_weights_are_swapped_in_for_validation_and_back_out():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(optimizer=recipe.optimizer(stage_of(SMOKE, 1), TrainingOptions(ema=0.5), 10),
+                  loss=recipe.loss(TrainingOptions()))
+    x, y = np.ones((4, 3), np.float32), np.eye(2, dtype=np.float32)[[0, 1, 0, 1]]
+    for _ in range(3):
+        model.train_on_batch(x, y)
+    raw = [v.numpy().copy() for v in model.trainable_variables]
+    averages = [v.numpy().copy() for v in model.optimizer._model_variables_moving_average]
+    with recipe.averaged_weights(model):
+        inside = [v.numpy().copy() for v in model.trainable_variables]
+    assert all(np.array_equal(a, b) for a, b in zip(inside, averages))
+    assert not all(np.array_equal(a, b) for a, b in zip(inside, raw))
+    assert all(np.array_equal(v.numpy(), r) for v, r in zip(model.trainable_variables, raw))
+
+
+def test_cosine_schedule_warms_up_then_decays_to_the_rows_minimum():
+    stage = stage_of(SMOKE, 2)  # lr 2e-3, 3 epochs
+    schedule = recipe.learning_rate(stage, TrainingOptions(schedule="cosine", warmup_epochs=1), steps_per_epoch=10)
+    rates = [float(schedule(step)) for step in range(31)]
+    assert rates[0] == pytest.approx(stage.lr / 100) and rates[10] == pytest.approx(stage.lr)
+    assert all(a < b for a, b in zip(rates[:10], rates[1:11])) and all(a > b for a, b in zip(rates[10:30], rates[11:]))
+    assert rates[30] == pytest.approx(stage.min_lr)
+    assert recipe.learning_rate(stage, TrainingOptions(), 10) == stage.lr  # the recipe: a number plateau lowers
+
+
+def test_weight_decay_means_adamw_sparing_biases_and_norms():
+    plain = recipe.optimizer(stage_of(SMOKE, 1), TrainingOptions(), 10)
+    decayed = recipe.optimizer(stage_of(SMOKE, 1), TrainingOptions(weight_decay=0.5), 10)
+    assert type(plain) is keras.optimizers.Adam and type(decayed) is keras.optimizers.AdamW
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, bias_initializer="ones"),
+                              keras.layers.BatchNormalization()])
+    before = {v.path: v.numpy().copy() for v in model.trainable_variables}
+    # Zero gradients: Adam moves nothing, so whatever changes is the decay alone.
+    decayed.apply_gradients([(np.zeros(v.shape, "float32"), v) for v in model.trainable_variables])
+    after = {v.path: v.numpy() for v in model.trainable_variables}
+    for path, value in before.items():
+        if path.endswith("kernel"):
+            assert np.allclose(after[path], value * (1 - 0.5 * stage_of(SMOKE, 1).lr))
+        else:  # bias, gamma, beta
+            assert np.array_equal(after[path], value), path
+
+
+def test_a_started_stage_keeps_its_options(tmp_path):
+    workdir = Workdir(tmp_path)
+    started = stage_plan(None, SMOKE, 2, Requested(options={"ema": 0.9, "schedule": "cosine"}), workdir)
+    assert started.options == dataclasses.replace(TrainingOptions(), ema=0.9, schedule="cosine")
+    saved = started.to_dict()
+    assert StagePlan.from_dict(saved) == started
+    assert stage_plan(saved, SMOKE, 2, Requested(), workdir) == started  # a resume needs no flags
+    with pytest.raises(KitError, match=r"--ema 0.99 \(saved: 0.9\).*--restart"):
+        stage_plan(saved, SMOKE, 2, Requested(options={"ema": 0.99}), workdir)
+    legacy = {"stage": saved["stage"], "class_weights": False}  # a plan saved before options existed
+    assert StagePlan.from_dict(legacy).options == TrainingOptions()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--ema", "1.5"], "--ema 1.5 is out of range"),
+    (["--label-smoothing", "-0.1"], "--label-smoothing -0.1 is out of range"),
+    (["--warmup-epochs", "1"], "add --schedule cosine"),
+])
+def test_bad_option_values_are_refused_in_one_paragraph(tmp_path, flags, message):
+    result = run_kit("kit.stage", "--step", "1", "--profile", "smoke", "--workdir", str(tmp_path), *flags)
+    assert result.returncode == 2 and message in " ".join(result.stderr.split())
+    assert "Traceback" not in result.stderr
