@@ -28,13 +28,15 @@ from tqdm.auto import tqdm
 
 from kit.augment import plain_transform, tta_transform, tta_views
 from kit.cli import KitError, add_workdir, main_guard
-from kit.config import FINAL_FIT_STEP, PROFILES, SEED, STEPS, TTA_VIEWS, Workdir, stage_of
-from kit.dataset import UnreadableImage, load_resized, read_test, read_train
+from kit.config import FINAL_FIT_STEP, PROFILES, SEED, STEPS, TTA_VIEWS, VAL_FRACTION, Workdir, stage_of
+from kit.dataset import UnreadableImage, drop_unreadable, load_resized, load_split, read_test, read_train
 from kit.download import is_hidden, is_image, image_files, read_description
 from kit.files import write_text
-from kit.pipeline import DEFAULT_WORKERS, Uncached, cache_short_side, default_cache_root, open_cache, ordered_map
+from kit.pipeline import (DEFAULT_WORKERS, Uncached, cache_short_side, default_cache_root, open_cache,
+                          open_training_cache, ordered_map)
 
 SUBMISSION, PREDICTIONS = "submission.csv", "predictions.csv"  # under <workdir>/submissions
+VALIDATION_PROBABILITIES = "validation_probabilities.csv"  # under <workdir>/submissions/report
 VIEWS_PER_BATCH = 32  # model inputs per forward pass; the views of one image always travel together
 
 
@@ -199,6 +201,62 @@ def predictions_table(keys: Sequence[str], probs: np.ndarray, classes: Sequence[
     return table
 
 
+def labelled_probability_table(keys: Sequence[str], probs: np.ndarray, labels: np.ndarray,
+                               classes: Sequence[str]) -> pd.DataFrame:
+    """Key, the true class ('label'), then every class's probability: what kit.ensemble scores runs with."""
+    table = probability_table(keys, probs, classes)
+    table.insert(1, "label", [classes[k] for k in labels])
+    return table
+
+
+def validation_set(workdir: Workdir, loaded: LoadedModel, workers: int):
+    """The run's validation images from the training cache, their Ids, labels and files."""
+    from kit.stages import read_manifest
+
+    config = read_manifest(workdir)["config"] or {}
+    split = load_split(workdir, config.get("val_fraction", VAL_FRACTION), config.get("seed", SEED),
+                       config.get("fold", ""))
+    cache, position = open_training_cache(default_cache_root(workdir.cache), split, loaded.image_size, workers)
+    val = drop_unreadable(split.val, cache.unreadable, "validation")
+    return Subset(cache, [position[p] for p in val.path]), list(val.Id), val.Category.to_numpy(), list(val.path)
+
+
+class Subset:
+    """Images of a cache at given positions, indexable from 0."""
+
+    def __init__(self, images, positions: list[int]):
+        self.images, self.positions = images, positions
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.images[self.positions[index]]
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+
+def predict_validation(workdir: Workdir, loaded: LoadedModel, tta: int = TTA_VIEWS, seed: int = SEED,
+                       workers: int = DEFAULT_WORKERS) -> str:
+    """The validation photos' probabilities with their true class, written for kit.ensemble; what was done.
+
+    Skipped for a final-fit model, which trained on those photos (an older file is removed rather
+    than left to describe another model), and where no run in the work directory owns a split.
+    """
+    from kit.stages import read_manifest
+
+    path = workdir.report / VALIDATION_PROBABILITIES
+    if loaded.final_fit:
+        path.unlink(missing_ok=True)
+        return "Validation not predicted: the final fit trained on those photos."
+    if read_manifest(workdir)["config"] is None:
+        return f"Validation not predicted: no run in {workdir} holds a validation split."
+    images, keys, labels, _ = validation_set(workdir, loaded, workers)
+    probs, _ = Predictor(loaded, tta, seed, workers).predict_many(images, keys)
+    write_text(path, labelled_probability_table(keys, probs, labels, loaded.classes).to_csv(index=False))
+    scored = ~np.isnan(probs).any(axis=1)
+    accuracy = float((probs[scored].argmax(axis=1) == labels[scored]).mean())
+    return f"Validation accuracy (TTA {tta}): {accuracy:.4f}; probabilities in {path} (for kit.ensemble)"
+
+
 def check_classes(workdir: Workdir, loaded: LoadedModel) -> None:
     """Refuse a model trained on other classes than the dataset's: its outputs would be misnamed."""
     classes = read_description(workdir).classes
@@ -304,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--folder", type=Path, help="predict every photo under this folder instead of the test set")
     parser.add_argument("--out", type=Path, help="with --folder: the CSV to write (default: "
                                                  "<workdir>/submissions/predictions.csv)")
+    parser.add_argument("--validation", action=argparse.BooleanOptionalAction, default=True,
+                        help="also predict the validation photos (with the test set) and write their probabilities "
+                             "for kit.ensemble to compare runs on (default: on)")
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
     return parser
 
@@ -320,6 +381,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         table, unreadable = predict_folder(args.folder, loaded, written, args.tta, args.seed, workers)
     else:
         table, unreadable, written = predict_test(workdir, loaded, args.tta, args.seed, workers)
+        if args.validation:
+            print(predict_validation(workdir, loaded, args.tta, args.seed, workers))
     submitted = not args.folder and written.name == SUBMISSION  # a competition's test set
     print(f"Wrote {written}{' and probabilities.csv' if submitted else ''} ({len(table)} rows)")
     counts = (table.iloc[:, 1].map(dict(zip(read_description(workdir).labels, loaded.classes))) if submitted

@@ -19,14 +19,14 @@ from typing import Sequence
 import numpy as np
 
 from kit.cli import KitError, add_workdir, main_guard
-from kit.config import FINAL_FIT_STEP, SEED, STEPS, VAL_FRACTION, Workdir
-from kit.dataset import drop_unreadable, load_resized, load_split, read_test
+from kit.config import FINAL_FIT_STEP, STEPS, Workdir
+from kit.dataset import load_resized, read_test
 from kit.download import is_hidden, is_image, image_files, read_description
 from kit.files import write_text
-from kit.pipeline import DEFAULT_WORKERS, Uncached, default_cache_root, open_cache, open_training_cache
+from kit.pipeline import DEFAULT_WORKERS, Uncached, default_cache_root, open_cache
 from kit.plots import plot_confusion, plot_curves, plot_gallery
-from kit.predict import (LoadedModel, Predictor, add_model_options, check_classes, model_from_args,
-                         probability_table)
+from kit.predict import (VALIDATION_PROBABILITIES, LoadedModel, Predictor, add_model_options, check_classes,
+                         labelled_probability_table, model_from_args, validation_set)
 
 TOP_LOSSES = 16  # photos in the gallery: a 4x4 grid
 GALLERY_SIDE = 192  # the gallery shows the photo itself (shorter side in pixels), not the model's crop
@@ -125,18 +125,6 @@ def labelled_folder(folder: Path, classes: Sequence[str]) -> tuple[list[str], np
     return paths, np.asarray(labels)
 
 
-def validation_set(workdir: Workdir, loaded: LoadedModel, workers: int):
-    """The run's validation images from the training cache, their Ids, labels and files."""
-    from kit.stages import read_manifest
-
-    config = read_manifest(workdir)["config"] or {}
-    split = load_split(workdir, config.get("val_fraction", VAL_FRACTION), config.get("seed", SEED),
-                       config.get("fold", ""))
-    cache, position = open_training_cache(default_cache_root(workdir.cache), split, loaded.image_size, workers)
-    val = drop_unreadable(split.val, cache.unreadable, "validation")
-    return _Subset(cache, [position[p] for p in val.path]), list(val.Id), val.Category.to_numpy(), list(val.path)
-
-
 def test_set(workdir: Workdir, loaded: LoadedModel, workers: int, test_dir: Path | None):
     """A labelled test set, from --test-dir or the dataset's labelled test folder; None when there is none."""
     if test_dir is not None:
@@ -165,10 +153,11 @@ def write_report(workdir: Workdir, loaded: LoadedModel, tta: int, seed: int, wor
         result, probs = evaluate(loaded, images, keys, labels, tta, seed, workers)
         result["held_out"] = not (name == "validation" and loaded.final_fit)
         metrics[name] = result
-        # With the true class, for kit.ensemble to score combinations on the same photos.
-        table = probability_table(keys, probs, loaded.classes)
-        table.insert(1, "label", [loaded.classes[k] for k in labels])
-        write_text(folder / f"{name}_probabilities.csv", table.to_csv(index=False))
+        if result["held_out"]:  # with the true class, for kit.ensemble to score combinations on the same photos
+            write_text(folder / (VALIDATION_PROBABILITIES if name == "validation" else "test_probabilities.csv"),
+                       labelled_probability_table(keys, probs, labels, loaded.classes).to_csv(index=False))
+        else:
+            (folder / VALIDATION_PROBABILITIES).unlink(missing_ok=True)
         if name == "validation":
             write_top_losses(probs, labels, paths, loaded.classes, folder / "top_losses.png")
         source = f" ({test[4]})" if name == "test" else ""
@@ -191,19 +180,6 @@ def write_report(workdir: Workdir, loaded: LoadedModel, tta: int, seed: int, wor
     print(f"Report written to {folder} (summary.txt, metrics.json, confusion matrices, top_losses.png, curves.png, "
           "probabilities)")
     return metrics
-
-
-class _Subset:
-    """Images of a cache at given positions, indexable from 0."""
-
-    def __init__(self, images, positions: list[int]):
-        self.images, self.positions = images, positions
-
-    def __getitem__(self, index: int) -> np.ndarray:
-        return self.images[self.positions[index]]
-
-    def __len__(self) -> int:
-        return len(self.positions)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -90,11 +90,15 @@ def test_predict_a_folder_of_photos(stanford, tmp_path):
     assert table.loc[table.path == "broken.jpg", "class"].item() == ""
 
 
-def test_predict_writes_the_test_folders_predictions(stanford):
+def test_predict_writes_the_test_folders_predictions_and_the_validation_probabilities(stanford):
     result = run_kit(*smoke(stanford, "kit.predict", "--tta", "0"))
     assert result.returncode == 0, result.stderr[-2000:]
     table = pd.read_csv(stanford / "smoke" / "submissions" / "predictions.csv")
     assert len(table) == 173 and table.Id.str.startswith("test/").all()
+    validation = pd.read_csv(stanford / "smoke" / "submissions" / "report" / "validation_probabilities.csv")
+    assert list(validation.columns) == ["Id", "label", *CLASSES] and len(validation) == 96
+    accuracy = (validation[CLASSES].to_numpy().argmax(axis=1) == validation.label.map(CLASSES.index)).mean()
+    assert f"Validation accuracy (TTA 0): {accuracy:.4f}" in result.stdout
 
 
 def free_port() -> int:

@@ -402,6 +402,11 @@ def test_final_fit_replays_the_last_stage_on_training_and_validation_images(smok
     assert metrics["final_fit"] is True and metrics["validation"]["held_out"] is False
     assert "not a held-out score" in report.stdout and "final fit" in metrics["model"]
 
+    predicted = run_kit("kit.predict", "--tta", "0", "--profile", "smoke", "--workdir", str(root))
+    assert "stage 8 (final fit on training + validation images)" in predicted.stdout  # the newest model
+    assert "Validation not predicted: the final fit trained on those photos" in predicted.stdout
+    assert not (workdir.report / "validation_probabilities.csv").exists()
+
     again = run_kit("kit.stage", "--final-fit", "--profile", "smoke", "--workdir", str(root))
     assert again.returncode == 2 and "--final-fit --restart" in " ".join(again.stderr.split())
 
