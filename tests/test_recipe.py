@@ -118,3 +118,13 @@ def test_bad_option_values_are_refused_in_one_paragraph(tmp_path, flags, message
     result = run_kit("kit.stage", "--step", "1", "--profile", "smoke", "--workdir", str(tmp_path), *flags)
     assert result.returncode == 2 and message in " ".join(result.stderr.split())
     assert "Traceback" not in result.stderr
+
+
+def test_the_modern_profile_is_the_recipe_with_its_options_on(tmp_path):
+    from kit.config import MODERN_OPTIONS
+
+    plan = stage_plan(None, PROFILES["modern"], 5, Requested(), Workdir(tmp_path))
+    assert plan.options == MODERN_OPTIONS and plan.stage == stage_of(PROFILES["colab"], 5)
+    without_ema = stage_plan(None, PROFILES["modern"], 5, Requested(options={"ema": 0.0}), Workdir(tmp_path))
+    assert without_ema.options.ema == 0 and without_ema.options.weight_decay == MODERN_OPTIONS.weight_decay
+    assert stage_plan(None, PROFILES["colab"], 5, Requested(), Workdir(tmp_path)).options == TrainingOptions()
