@@ -125,6 +125,6 @@ def test_the_modern_profile_is_the_recipe_with_its_options_on(tmp_path):
 
     plan = stage_plan(None, PROFILES["modern"], 5, Requested(), Workdir(tmp_path))
     assert plan.options == MODERN_OPTIONS and plan.stage == stage_of(PROFILES["colab"], 5)
-    without_ema = stage_plan(None, PROFILES["modern"], 5, Requested(options={"ema": 0.0}), Workdir(tmp_path))
-    assert without_ema.options.ema == 0 and without_ema.options.weight_decay == MODERN_OPTIONS.weight_decay
+    with_ema = stage_plan(None, PROFILES["modern"], 5, Requested(options={"ema": 0.999}), Workdir(tmp_path))
+    assert with_ema.options.ema == 0.999 and with_ema.options.weight_decay == MODERN_OPTIONS.weight_decay
     assert stage_plan(None, PROFILES["colab"], 5, Requested(), Workdir(tmp_path)).options == TrainingOptions()
