@@ -1,7 +1,8 @@
-# A CPU image that serves the demo:
+# A CPU image that serves the demo on ONNX Runtime (no TensorFlow):
+#   python -m kit.export                     # writes weights/export/model.onnx and model.json
 #   docker build -t car-kit .
-#   docker run -p 7860:7860 -v $PWD/weights:/app/weights car-kit
-# It expects trained weights in /app/weights (the work directory's weights/ folder).
+#   docker run -p 7860:7860 -v $PWD/weights/export:/app/model car-kit
+# It expects the exported model and its model.json in /app/model.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 NO_ALBUMENTATIONS_UPDATE=1 TF_CPP_MIN_LOG_LEVEL=3 \
@@ -13,4 +14,4 @@ COPY kit ./kit
 RUN useradd --create-home --uid 1000 kit && chown -R kit /app
 USER kit
 EXPOSE 7860
-CMD ["python", "-m", "kit.demo", "--host", "0.0.0.0", "--port", "7860"]
+CMD ["python", "-m", "kit.demo", "--model", "/app/model/model.onnx", "--host", "0.0.0.0", "--port", "7860"]

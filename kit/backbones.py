@@ -118,6 +118,7 @@ def pixel_affine(preprocess: Callable[[np.ndarray], np.ndarray]) -> tuple[np.nda
     return matrix.astype(np.float32), bias.astype(np.float32)
 
 
+@keras.saving.register_keras_serializable(package="kit")  # so an exported .keras file loads back
 class PixelAffine(layers.Layer):
     """uint8 RGB in, the backbone's expected input out; runs on the accelerator, in the compute dtype."""
 

@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kit.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workdir(parser)
-    add_model_options(parser)
+    add_model_options(parser, serving=True)
     parser.add_argument("--share", action="store_true", help="also print a public gradio.live link")
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface (Docker)")
     parser.add_argument("--port", type=int, default=7860)

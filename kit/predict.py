@@ -114,6 +114,39 @@ def load_model(path: Path, image_size: int | None = None, precision: str = "auto
                        bool(state.get("final_fit")))
 
 
+class OnnxModel:
+    """An exported ONNX model on ONNX Runtime, with the one method Predictor calls: no TensorFlow, no Keras."""
+
+    def __init__(self, path: Path):
+        import onnxruntime
+
+        self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+
+    def predict_on_batch(self, views: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input: np.ascontiguousarray(views, np.uint8)})[0]
+
+
+def load_onnx(path: Path) -> LoadedModel:
+    """An ONNX file written by kit.export, with the model.json beside it that names its classes and size."""
+    import json
+
+    from kit.export import METADATA
+
+    path = Path(path)
+    if not path.is_file() or path.suffix != ".onnx":
+        raise KitError(f"--model {path} is not an .onnx file. Write one with 'python -m kit.export' (it goes to "
+                       "<workdir>/weights/export/model.onnx).")
+    try:
+        meta = json.loads((path.parent / METADATA).read_text())
+        classes, size = tuple(meta["classes"]), int(meta["image_size"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise KitError(f"{path.parent / METADATA} is missing or damaged ({error}): kit.export writes it beside the "
+                       "model, with the class names and image size the model needs. Export again.") from None
+    return LoadedModel(OnnxModel(path), meta.get("backbone", "?"), meta.get("stage"), size, meta.get("val_accuracy"),
+                       path, classes, bool(meta.get("final_fit")))
+
+
 class Predictor:
     """Class probabilities for photos, averaged over TTA views that are predicted in one batch."""
 
@@ -332,9 +365,12 @@ def predict_folder(folder: Path, loaded: LoadedModel, out: Path, tta: int = TTA_
     return table, unreadable
 
 
-def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """Which model to load: shared by predict, report and demo."""
+def add_model_options(parser: argparse.ArgumentParser, serving: bool = False) -> None:
+    """Which model to load: shared by predict, report, export and demo (`serving`: an exported ONNX file too)."""
     which = parser.add_mutually_exclusive_group()
+    if serving:
+        which.add_argument("--model", type=Path, metavar="FILE.onnx",
+                           help="an ONNX model written by kit.export, served by ONNX Runtime (no TensorFlow)")
     which.add_argument("--weights", type=Path, help="a best.weights.npz file (default: the last finished stage's)")
     which.add_argument("--stage", type=int, choices=(*STEPS, FINAL_FIT_STEP), metavar="N",
                        help=f"the best weights of stage N ({FINAL_FIT_STEP}: the final fit; default: the last done)")
@@ -349,6 +385,10 @@ def model_from_args(args: argparse.Namespace) -> tuple[Workdir, LoadedModel]:
     workdir = Workdir.resolve(args.workdir, PROFILES[args.profile])
     if args.tta < 0:
         raise KitError("--tta is a number of views: 0 (none) or more.")
+    if getattr(args, "model", None) is not None:
+        if args.seed is None:
+            args.seed = SEED
+        return workdir, load_onnx(args.model)
     if args.seed is None:
         args.seed = run_seed(workdir)
     return workdir, load_model(weights_path(workdir, args.weights, args.stage), args.image_size, args.precision)

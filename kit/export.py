@@ -1,0 +1,159 @@
+"""Export a trained model for serving: ONNX (ONNX Runtime, no TensorFlow needed) and Keras' own formats.
+
+    python -m kit.export                              # the last finished stage: model.onnx and model.keras
+    python -m kit.export --stage 7 --format onnx savedmodel
+    python -m kit.demo --model <workdir>/weights/export/model.onnx   # serve it without TensorFlow
+
+Files go to <workdir>/weights/export/ (or --out DIR). Every export takes what the kit's model
+takes, uint8 RGB pixels (N, size, size, 3), and gives the class probabilities; model.json beside
+them names the classes in order, the image size, backbone, stage, validation accuracy and kit
+version. Before an export is kept it must give the Keras model's probabilities on real photos
+(the dataset's test photos, or --photos DIR) to within 1e-4; otherwise it is removed and the
+command fails, saying by how much they differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from kit import __version__
+from kit.augment import plain_transform, tta_views
+from kit.cli import EXIT_DONE, KitError, add_workdir, main_guard
+from kit.config import SEED
+from kit.dataset import UnreadableImage, load_resized
+from kit.files import atomic_path, write_text
+from kit.pipeline import cache_short_side
+from kit.predict import LoadedModel, add_model_options, model_from_args, photos_in
+
+FORMATS = {"onnx": "model.onnx", "keras": "model.keras", "savedmodel": "savedmodel"}
+DEFAULT_FORMATS = ("onnx", "keras")
+METADATA = "model.json"
+TOLERANCE = 1e-4  # largest difference of any probability between the Keras model and an export
+CHECK_PHOTOS = 16
+
+
+def check_views(loaded: LoadedModel, photos: Sequence[Path]) -> np.ndarray:
+    """The photos as the model sees them without TTA: uint8, (N, size, size, 3)."""
+    views, plain = [], plain_transform(loaded.image_size)
+    for path in photos:
+        try:
+            image = load_resized(path, cache_short_side(loaded.image_size))
+        except UnreadableImage:
+            continue
+        views.append(tta_views(image, loaded.image_size, 1, str(path), SEED, plain))
+    if not views:
+        raise KitError("No readable photo to check the export with: give a folder of photos with --photos DIR.")
+    return np.concatenate(views)
+
+
+def write_format(model, fmt: str, path: Path) -> None:
+    """One format, written to a temporary name and renamed, so a failed export leaves nothing half-made."""
+    if fmt == "savedmodel":
+        tmp = path.with_name(f".{path.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.export(str(tmp), format="tf_saved_model", verbose=False)
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+        return
+    with atomic_path(path) as tmp:
+        target = tmp.with_suffix(path.suffix)  # Keras picks the format by the name's suffix
+        if fmt == "onnx":
+            model.export(str(target), format="onnx", verbose=False)
+        else:
+            model.save(str(target))
+        target.replace(tmp)
+
+
+def exported_probabilities(fmt: str, path: Path, views: np.ndarray) -> np.ndarray:
+    """Run the exported file itself, through the runtime that will serve it."""
+    if fmt == "onnx":
+        from kit.predict import OnnxModel
+
+        return OnnxModel(path).predict_on_batch(views)
+    if fmt == "keras":
+        import keras
+
+        return np.asarray(keras.saving.load_model(path, compile=False).predict_on_batch(views))
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(path))  # kept referenced while it runs: it owns the variables
+    return np.asarray(loaded.serve(tf.constant(views)))
+
+
+def export(loaded: LoadedModel, folder: Path, formats: Sequence[str], photos: Sequence[Path]) -> dict[str, float]:
+    """Write each format and check it against the Keras model; returns each format's largest difference."""
+    views = check_views(loaded, photos)
+    expected = np.asarray(loaded.model.predict_on_batch(views), np.float64)  # also builds what export traces
+    differences = {}
+    for fmt in formats:
+        path = folder / FORMATS[fmt]
+        write_format(loaded.model, fmt, path)
+        difference = float(np.abs(exported_probabilities(fmt, path, views) - expected).max())
+        differences[fmt] = difference
+        if not difference <= TOLERANCE:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            raise KitError(f"The {fmt} export differs from the Keras model by up to {difference:.2g} in a probability "
+                           f"on {len(views)} photos (allowed: {TOLERANCE:g}), so it was removed. Export another format "
+                           "(--format), or train in float32 if the model was saved in mixed precision.")
+    write_text(folder / METADATA, json.dumps(metadata(loaded, formats, differences, len(views)), indent=2,
+                                             ensure_ascii=False))
+    return differences
+
+
+def metadata(loaded: LoadedModel, formats: Sequence[str], differences: dict[str, float], checked: int) -> dict:
+    """What a server needs besides the file: the outputs' names and the input's size and form."""
+    return {"classes": list(loaded.classes), "image_size": loaded.image_size,
+            "input": "uint8 RGB pixels, shape (N, image_size, image_size, 3)", "output": "class probabilities",
+            "backbone": loaded.backbone, "stage": loaded.stage, "final_fit": loaded.final_fit,
+            "val_accuracy": loaded.val_accuracy, "weights": str(loaded.source), "kit_version": __version__,
+            "files": {fmt: FORMATS[fmt] for fmt in formats},
+            "check": {"photos": checked, "max_abs_difference": differences, "tolerance": TOLERANCE}}
+
+
+def photos_to_check(workdir, photos_dir: Path | None) -> list[Path]:
+    if photos_dir is not None:
+        if not Path(photos_dir).is_dir():
+            raise KitError(f"--photos {photos_dir} is not a folder of photos.")
+        return photos_in(Path(photos_dir))[0][:CHECK_PHOTOS]
+    from kit.dataset import read_test
+
+    return [Path(p) for p in read_test(workdir).path[:CHECK_PHOTOS]]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m kit.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_workdir(parser)
+    add_model_options(parser, serving=False)
+    parser.add_argument("--format", nargs="+", choices=sorted(FORMATS), default=list(DEFAULT_FORMATS),
+                        help=f"what to write (default: {' '.join(DEFAULT_FORMATS)})")
+    parser.add_argument("--out", type=Path, help="folder to write to (default: <workdir>/weights/export)")
+    parser.add_argument("--photos", type=Path, help="photos to check the export on (default: the dataset's test "
+                                                    f"photos, the first {CHECK_PHOTOS})")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    workdir, loaded = model_from_args(args)
+    folder = args.out or workdir.weights / "export"
+    print(f"Model: {loaded.describe()}")
+    differences = export(loaded, folder, args.format, photos_to_check(workdir, args.photos))
+    for fmt, difference in differences.items():
+        print(f"{fmt}: {folder / FORMATS[fmt]} (max difference from Keras {difference:.1e})")
+    print(f"{folder / METADATA}: classes, image size, backbone, stage, the check.")
+    if "onnx" in args.format:
+        print(f"Serve it without TensorFlow: 'python -m kit.demo --model {folder / FORMATS['onnx']}'")
+    return EXIT_DONE
+
+
+main = main_guard(main)
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,97 @@
+"""kit.export: each format against the Keras model on real photos, and the demo on ONNX without TensorFlow."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, run_kit
+from kit.config import COMPETITION_CLASSES, Workdir
+from kit.export import check_views
+from kit.predict import OnnxModel, load_model, load_onnx, weights_path
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("tf2onnx")
+
+
+@pytest.fixture(scope="module")
+def exported(smoke_run, shared, tmp_path_factory) -> Path:
+    """The smoke run's model exported to every format, checked on the real test photos."""
+    folder = tmp_path_factory.mktemp("export")
+    result = run_kit("kit.export", "--workdir", str(smoke_run.parent), "--profile", "smoke", "--out", str(folder),
+                     "--format", "onnx", "keras", "savedmodel", "--photos", str(shared / "test_upload_sample"))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return folder
+
+
+def test_every_format_matches_the_keras_model_on_real_photos(exported, smoke_run, real_photos):
+    meta = json.loads((exported / "model.json").read_text())
+    assert meta["classes"] == list(COMPETITION_CLASSES) and meta["stage"] == 7 and meta["image_size"] == 64
+    assert meta["check"]["photos"] == 16 and set(meta["files"]) == {"onnx", "keras", "savedmodel"}
+    assert all(d <= 1e-4 for d in meta["check"]["max_abs_difference"].values())
+
+    import keras
+
+    loaded = load_model(weights_path(Workdir(smoke_run)))
+    views = check_views(loaded, real_photos)  # all 30, not only the 16 the command checked
+    expected = loaded.model.predict_on_batch(views)
+    assert np.abs(OnnxModel(exported / "model.onnx").predict_on_batch(views) - expected).max() <= 1e-4
+    reloaded = keras.saving.load_model(exported / "model.keras", compile=False)
+    assert np.abs(reloaded.predict_on_batch(views) - expected).max() <= 1e-4
+    onnx = load_onnx(exported / "model.onnx")
+    assert onnx.classes == loaded.classes and onnx.image_size == loaded.image_size
+
+
+def test_an_onnx_file_without_its_metadata_is_refused(exported, tmp_path):
+    shutil.copy(exported / "model.onnx", tmp_path / "model.onnx")
+    result = run_kit("kit.demo", "--model", str(tmp_path / "model.onnx"))
+    assert result.returncode == 2 and "model.json is missing" in " ".join(result.stderr.split())
+    assert "Traceback" not in result.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_demo_serves_the_onnx_model_where_tensorflow_cannot_be_imported(exported, real_photos, tmp_path):
+    gradio_client = pytest.importorskip("gradio_client")
+    poison = tmp_path / "poison"
+    for name in ("tensorflow", "keras"):  # found before the real packages: importing either fails loudly
+        (poison / name).mkdir(parents=True)
+        (poison / name / "__init__.py").write_text(f"raise ImportError('{name} must not be imported by the demo')")
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": f"{poison}{os.pathsep}{ROOT}"}
+    process = subprocess.Popen([sys.executable, "-m", "kit.demo", "--model", str(exported / "model.onnx"),
+                                "--port", str(port), "--workdir", str(tmp_path)],
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        client = None
+        for _ in range(120):
+            try:
+                client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
+                break
+            except Exception:  # not listening yet
+                assert process.poll() is None, process.stdout.read()[-3000:]
+                time.sleep(0.5)
+        assert client is not None
+        for tta in (False, True):
+            result = client.predict(gradio_client.handle_file(str(real_photos[0])), tta, api_name="/classify")
+            labels = [c["label"] for c in result["confidences"]]
+            assert len(labels) == 5 and set(labels) <= set(COMPETITION_CLASSES)
+        (tmp_path / "notes.txt").write_text("not a photo")
+        with pytest.raises(gradio_client.exceptions.AppError, match="could not be read as a photo"):
+            client.predict(gradio_client.handle_file(str(tmp_path / "notes.txt")), False, api_name="/classify")
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
