@@ -63,7 +63,13 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=10, help="photos per runtime and mode")
     args = parser.parse_args()
     photos = sorted(PHOTOS.glob("*.jpg"))
-    keras_model = load_model(args.weights or random_model(args.backbone, args.size))
+    weights = args.weights or random_model(args.backbone, args.size)
+    import keras
+
+    # keras.applications name their Normalization layer by a global counter: a second build in one process
+    # would be named normalization_1 and not match the file's names (see the closing note of issue 16).
+    keras.backend.clear_session()
+    keras_model = load_model(weights)
     folder = Path(tempfile.mkdtemp())
     started = time.perf_counter()
     difference = export(keras_model, folder, ["onnx"], photos[:16])["onnx"]

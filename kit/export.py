@@ -94,16 +94,26 @@ def export(loaded: LoadedModel, folder: Path, formats: Sequence[str], photos: Se
     for fmt in formats:
         path = folder / FORMATS[fmt]
         write_format(loaded.model, fmt, path)
-        difference = float(np.abs(exported_probabilities(fmt, path, views) - expected).max())
+        try:
+            difference = float(np.abs(exported_probabilities(fmt, path, views) - expected).max())
+        except Exception as error:  # the runtime refuses the file: nothing usable was written
+            _remove(path)
+            raise KitError(f"The {fmt} export of {loaded.backbone} does not run in its own runtime ("
+                           f"{str(error).splitlines()[0][:300]}), so it was removed. Export another format "
+                           "(--format), or a backbone that exports cleanly (efficientnet-b0..b7, tiny-cnn).") from None
         differences[fmt] = difference
         if not difference <= TOLERANCE:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            _remove(path)
             raise KitError(f"The {fmt} export differs from the Keras model by up to {difference:.2g} in a probability "
                            f"on {len(views)} photos (allowed: {TOLERANCE:g}), so it was removed. Export another format "
                            "(--format), or train in float32 if the model was saved in mixed precision.")
     write_text(folder / METADATA, json.dumps(metadata(loaded, formats, differences, len(views)), indent=2,
                                              ensure_ascii=False))
     return differences
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def metadata(loaded: LoadedModel, formats: Sequence[str], differences: dict[str, float], checked: int) -> dict:
