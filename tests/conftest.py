@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -43,6 +46,33 @@ def smoke_run(tmp_path_factory) -> Path:
     result = run_kit("kit", "--smoke", "--workdir", str(root), "--deterministic")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return root / "smoke"
+
+
+@contextlib.contextmanager
+def demo_process(*args: str, env: dict | None = None):
+    """`python -m kit.demo ARGS --port P` as a real process; yields (gradio_client.Client, port) once it answers."""
+    import gradio_client
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "kit.demo", *args, "--port", str(port)], cwd=ROOT,
+                               env=env or {**os.environ, "PYTHONPATH": str(ROOT)},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for _ in range(120):
+            try:
+                client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
+                break
+            except Exception:  # not listening yet
+                assert process.poll() is None, process.stdout.read()[-3000:]
+                time.sleep(0.5)
+        else:
+            raise AssertionError("the demo did not answer within a minute")
+        yield client, port
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
 
 
 def small_synthetic(root: Path, per_class: int = 8, test: int = 6, size: tuple[int, int] = (96, 72), **kwargs):

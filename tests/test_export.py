@@ -5,16 +5,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_kit
+from conftest import ROOT, demo_process, run_kit
 from kit.config import COMPETITION_CLASSES, Workdir
 from kit.export import check_views
 from kit.predict import OnnxModel, load_model, load_onnx, weights_path
@@ -58,33 +54,14 @@ def test_an_onnx_file_without_its_metadata_is_refused(exported, tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_the_demo_serves_the_onnx_model_where_tensorflow_cannot_be_imported(exported, real_photos, tmp_path):
     gradio_client = pytest.importorskip("gradio_client")
     poison = tmp_path / "poison"
     for name in ("tensorflow", "keras"):  # found before the real packages: importing either fails loudly
         (poison / name).mkdir(parents=True)
         (poison / name / "__init__.py").write_text(f"raise ImportError('{name} must not be imported by the demo')")
-    port = free_port()
     env = {**os.environ, "PYTHONPATH": f"{poison}{os.pathsep}{ROOT}"}
-    process = subprocess.Popen([sys.executable, "-m", "kit.demo", "--model", str(exported / "model.onnx"),
-                                "--port", str(port), "--workdir", str(tmp_path)],
-                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        client = None
-        for _ in range(120):
-            try:
-                client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
-                break
-            except Exception:  # not listening yet
-                assert process.poll() is None, process.stdout.read()[-3000:]
-                time.sleep(0.5)
-        assert client is not None
+    with demo_process("--model", str(exported / "model.onnx"), "--workdir", str(tmp_path), env=env) as (client, _):
         for tta in (False, True):
             result = client.predict(gradio_client.handle_file(str(real_photos[0])), tta, api_name="/classify")
             labels = [c["label"] for c in result["confidences"]]
@@ -92,6 +69,3 @@ def test_the_demo_serves_the_onnx_model_where_tensorflow_cannot_be_imported(expo
         (tmp_path / "notes.txt").write_text("not a photo")
         with pytest.raises(gradio_client.exceptions.AppError, match="could not be read as a photo"):
             client.predict(gradio_client.handle_file(str(tmp_path / "notes.txt")), False, api_name="/classify")
-    finally:
-        process.terminate()
-        process.wait(timeout=30)

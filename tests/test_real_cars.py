@@ -7,19 +7,14 @@ for a folder of photos, and the demo naming its classes, each as a user runs it.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from conftest import ROOT, run_kit
+from conftest import demo_process, run_kit
 
 STANFORD5 = Path(__file__).resolve().parents[2] / "shared" / "real-cars" / "stanford5"
 CLASSES = ["jazz", "mazda", "mini cooper", "outlander", "yaris"]
@@ -101,36 +96,14 @@ def test_predict_writes_the_test_folders_predictions_and_the_validation_probabil
     assert f"Validation accuracy (TTA 0): {accuracy:.4f}" in result.stdout
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_demo_names_the_datasets_classes(stanford):
     gradio_client = pytest.importorskip("gradio_client")
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", *smoke(stanford, "kit.demo", "--port", str(port))],
-                               cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        client = None
-        for _ in range(120):
-            try:
-                client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
-                break
-            except Exception:  # not listening yet
-                assert process.poll() is None, process.stdout.read()[-2000:]
-                time.sleep(0.5)
-        assert client is not None
+    with demo_process("--profile", "smoke", "--workdir", str(stanford)) as (client, port):
         photo = sorted((STANFORD5 / "test" / "mini cooper").iterdir())[0]
         result = client.predict(gradio_client.handle_file(str(photo)), False, api_name="/classify")
         assert {c["label"] for c in result["confidences"]} == set(CLASSES)
         page = urllib.request.urlopen(f"http://127.0.0.1:{port}/config").read().decode()
         assert "one of 5 models (jazz, mazda, mini cooper, outlander, yaris)" in page
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def test_pseudo_labels_from_a_run_train_a_new_one(stanford, tmp_path):
