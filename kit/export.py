@@ -23,13 +23,10 @@ from typing import Sequence
 import numpy as np
 
 from kit import __version__
-from kit.augment import plain_transform, tta_views
 from kit.cli import EXIT_DONE, KitError, add_workdir, main_guard
-from kit.config import SEED
 from kit.dataset import UnreadableImage, load_resized
 from kit.files import atomic_path, write_text
-from kit.pipeline import cache_short_side
-from kit.predict import LoadedModel, add_model_options, model_from_args, photos_in
+from kit.predict import LoadedModel, Predictor, add_model_options, model_from_args, photos_in
 
 FORMATS = {"onnx": "model.onnx", "keras": "model.keras", "savedmodel": "savedmodel"}
 DEFAULT_FORMATS = ("onnx", "keras")
@@ -40,13 +37,13 @@ CHECK_PHOTOS = 16
 
 def check_views(loaded: LoadedModel, photos: Sequence[Path]) -> np.ndarray:
     """The photos as the model sees them without TTA: uint8, (N, size, size, 3)."""
-    views, plain = [], plain_transform(loaded.image_size)
+    predictor, views = Predictor(loaded, tta=1), []
     for path in photos:
         try:
-            image = load_resized(path, cache_short_side(loaded.image_size))
+            image = load_resized(path, predictor.short_side)
         except UnreadableImage:
             continue
-        views.append(tta_views(image, loaded.image_size, 1, str(path), SEED, plain))
+        views.append(predictor.views_of(image, str(path)))
     if not views:
         raise KitError("No readable photo to check the export with: give a folder of photos with --photos DIR.")
     return np.concatenate(views)

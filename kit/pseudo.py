@@ -32,9 +32,9 @@ def select(probabilities: pd.DataFrame, threshold: float) -> pd.DataFrame:
     """The rows (index: Id, one column per class) whose top probability is >= threshold: Id, class, probability."""
     values = probabilities.to_numpy(float)
     readable = ~np.isnan(values).any(axis=1)
-    top = np.nan_to_num(values, nan=-1.0).max(axis=1)
+    filled = np.nan_to_num(values, nan=-1.0)
+    top, best = filled.max(axis=1), filled.argmax(axis=1)
     keep = readable & (top >= threshold)
-    best = np.nan_to_num(values, nan=-1.0).argmax(axis=1)
     return pd.DataFrame({"Id": probabilities.index[keep], "class": np.asarray(probabilities.columns)[best[keep]],
                          "probability": top[keep].round(6)})
 

@@ -220,8 +220,8 @@ def final_fit_plan(saved: dict | None, last: dict, history: list[dict], requeste
         raise KitError(f"The final fit replays the last stage on training + validation images, for the epochs that "
                        f"stage found best, so stage {FINAL_FIT_STEP - 1} must be done first (see "
                        f"'{workdir.command('kit.stage', '--status')}').")
-    if requested.stage_overrides and any(v is not None for v in requested.stage_overrides.values()) \
-            or requested.options or requested.class_weights is not None:
+    if any(v is not None for v in requested.stage_overrides.values()) or requested.options \
+            or requested.class_weights is not None:
         raise KitError("The final fit repeats the last stage exactly as it was validated, so it takes no stage "
                        "overrides or training options: drop them (they would make it a different, unvalidated "
                        "training).")
