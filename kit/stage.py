@@ -191,10 +191,10 @@ def train(workdir: Workdir, profile, args: argparse.Namespace) -> str:
 def keep_pseudo_labels(workdir: Workdir, source: Path) -> None:
     """Copy the list into the run (once, when it starts), after checking it fits this dataset."""
     from kit.dataset import read_pseudo_labels
-    from kit.files import write_bytes
+    from kit.files import sha256, write_bytes
 
-    if workdir.pseudo_labels.is_file():
-        return  # the run's own copy; run_config has already refused a different list
+    if workdir.pseudo_labels.is_file() and sha256(workdir.pseudo_labels) == sha256(source):
+        return  # the run's own copy (run_config has refused any other list once the run started)
     rows = read_pseudo_labels(source, workdir)
     write_bytes(workdir.pseudo_labels, source.read_bytes())
     print(f"Training on {len(rows)} pseudo-labelled test photos as well ({source}; kept as {workdir.pseudo_labels})")

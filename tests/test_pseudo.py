@@ -70,3 +70,15 @@ def test_no_photo_above_the_threshold_says_what_to_do(tmp_path):
         write_pseudo_labels(source, 0.5, tmp_path / "p.csv")
     with pytest.raises(KitError, match="give a number above 0 and at most 1"):
         write_pseudo_labels(source, 90, tmp_path / "p.csv")
+
+
+def test_a_run_that_never_started_takes_the_list_given_now(tmp_path):
+    from kit.stage import keep_pseudo_labels
+
+    workdir = small_synthetic(tmp_path, per_class=6, test=4)
+    first, second = tmp_path / "first.csv", tmp_path / "second.csv"
+    first.write_text(f"Id,class,probability\n{read_test(workdir).Id[0]},Lada Niva,0.99\n")
+    second.write_text(f"Id,class,probability\n{read_test(workdir).Id[1]},Lada Kalina,0.98\n")
+    keep_pseudo_labels(workdir, first)  # e.g. the first start was killed before stage 1 saved the run
+    keep_pseudo_labels(workdir, second)
+    assert workdir.pseudo_labels.read_bytes() == second.read_bytes()
