@@ -5,7 +5,7 @@
 
 The model is exported by kit.export (and checked there to 1e-4), then each runtime answers the
 same real photos through kit's Predictor: one view and TTA 10. Prints p50/p95 per photo and the
-ratio Keras / ONNX Runtime. The installed size of each serving environment is measured apart (see
+ratio Keras / ONNX Runtime, and what Grad-CAM (kit.cam, the demo's heat map) adds on the Keras model. The installed size of each serving environment is measured apart (see
 the README): it needs clean virtual environments, not this process.
 """
 
@@ -26,7 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kit import checkpoint  # noqa: E402
 from kit.backbones import build_model  # noqa: E402
+from kit.cam import explain  # noqa: E402
 from kit.config import PROFILES, SEED, STEPS, TTA_VIEWS, VAL_FRACTION  # noqa: E402
+from kit.dataset import load_resized  # noqa: E402
 from kit.export import export  # noqa: E402
 from kit.predict import Predictor, load_model, load_onnx  # noqa: E402
 from kit.run import RunConfig  # noqa: E402
@@ -45,14 +47,21 @@ def random_model(backbone: str, size: int) -> Path:
     return path
 
 
-def timed(predictor: Predictor, photos: list[Path], count: int) -> tuple[list[float], np.ndarray]:
-    predictor.predict_image(photos[0])  # warm-up: the first call traces or initialises
+def timed(answer, photos: list[Path], count: int) -> tuple[list[float], np.ndarray]:
+    """Seconds per call of answer(photo, key) over `count` photos, after one warm-up call, and the answers."""
+    answer(photos[0], "warm-up")  # the first call traces or initialises
     seconds, answers = [], []
     for k in range(count):
         started = time.perf_counter()
-        answers.append(predictor.predict_image(photos[k % len(photos)], key=photos[k % len(photos)].name))
+        answers.append(answer(photos[k % len(photos)], photos[k % len(photos)].name))
         seconds.append(time.perf_counter() - started)
     return seconds, np.array(answers)
+
+
+def grad_cam_of(loaded):
+    """The demo's Grad-CAM for one photo: decode at the model's size, explain the predicted class."""
+    short_side = Predictor(loaded, 1).short_side
+    return lambda photo, key: explain(loaded, [load_resized(photo, short_side)])[0].probability
 
 
 def main() -> None:
@@ -78,9 +87,10 @@ def main() -> None:
     onnx_model = load_onnx(folder / "model.onnx")
     rows = []
     for views in (1, TTA_VIEWS):
-        keras_s, keras_p = timed(Predictor(keras_model, views), photos, args.requests)
-        onnx_s, onnx_p = timed(Predictor(onnx_model, views), photos, args.requests)
+        keras_s, keras_p = timed(Predictor(keras_model, views).predict_image, photos, args.requests)
+        onnx_s, onnx_p = timed(Predictor(onnx_model, views).predict_image, photos, args.requests)
         rows.append((views, keras_s, onnx_s, float(np.abs(keras_p - onnx_p).max())))
+    cam_s, _ = timed(grad_cam_of(keras_model), photos, args.requests)
     print(f"\n{keras_model.backbone} at {keras_model.image_size} px, {args.requests} photos per row, "
           f"{os.cpu_count()} cores ({platform.machine()}), {time.strftime('%Y-%m-%d')}")
     print("| views | Keras p50 s | Keras p95 s | ONNX Runtime p50 s | ONNX Runtime p95 s | Keras / ONNX (p50) "
@@ -89,6 +99,9 @@ def main() -> None:
     for views, keras_s, onnx_s, diff in rows:
         k50, k95, o50, o95 = (float(np.percentile(s, q)) for s in (keras_s, onnx_s) for q in (50, 95))
         print(f"| {views} | {k50:.3f} | {k95:.3f} | {o50:.3f} | {o95:.3f} | {k50 / o50:.2f}x | {diff:.1e} |")
+    single = float(np.percentile(rows[0][1], 50))
+    print(f"\nGrad-CAM of one photo (Keras): p50 {np.percentile(cam_s, 50):.3f} s, p95 {np.percentile(cam_s, 95):.3f} s "
+          f"= {np.percentile(cam_s, 50) / single:.2f}x the Keras single-view prediction")
 
 
 if __name__ == "__main__":

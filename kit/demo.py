@@ -2,8 +2,11 @@
 
     python -m kit.demo                 # http://127.0.0.1:7860, best weights of the last finished stage
     python -m kit.demo --share         # plus a public *.gradio.live link (Colab)
+    python -m kit.demo --model weights/export/model.onnx   # an export, on ONNX Runtime (no TensorFlow)
 
 The page and `python -m kit.predict` share one Predictor: same decoding, same TTA, same model.
+With the kit's own weights it also shows where the model looked (Grad-CAM, kit.cam) once the
+answer is on the page; an ONNX model has no gradients, so that part is left off.
 """
 
 from __future__ import annotations
@@ -13,15 +16,17 @@ from pathlib import Path
 from typing import Sequence
 
 import gradio as gr
+import numpy as np
 
 from kit.cli import add_workdir, main_guard
 from kit.config import COMPETITION_CLASSES, TTA_VIEWS, Workdir
-from kit.dataset import UnreadableImage
+from kit.dataset import UnreadableImage, load_resized
 from kit.predict import LoadedModel, Predictor, add_model_options, model_from_args
 
 MAX_UPLOAD = "20mb"
 TOP_CLASSES = 5
 EXAMPLES = 4
+SHOWN_SIDE = 384  # the heat map is drawn over the photo at least this size (shorter side), whatever the model's
 
 
 def photo_input() -> gr.Image:
@@ -58,6 +63,19 @@ def build_demo(loaded: LoadedModel, tta: int = TTA_VIEWS, examples: Sequence[Pat
                            "picture of a car.", print_exception=False) from None
         return dict(ranked[:TOP_CLASSES])
 
+    def explain(photo: str | None, show: bool) -> np.ndarray | None:
+        """Where the model looked for the class it named: the heat map over the photo, the hottest region boxed."""
+        from kit import cam
+
+        if photo is None or not show:
+            return None
+        try:
+            image = load_resized(photo, single.short_side)  # the pixels the prediction started from
+            shown = load_resized(photo, max(single.short_side, SHOWN_SIDE))
+        except UnreadableImage:
+            return None  # classify has already said why
+        return cam.overlay(shown, cam.explain(loaded, [image])[0])
+
     with gr.Blocks(title="Which car is it?") as demo:
         gr.Markdown(f"# Which car is it?\nDrop a photo of a car: {what_it_knows(loaded.classes)}\n\n"
                     f"**Model:** {loaded.describe()}")
@@ -66,12 +84,19 @@ def build_demo(loaded: LoadedModel, tta: int = TTA_VIEWS, examples: Sequence[Pat
                 photo = photo_input()
                 use_tta = gr.Checkbox(value=False,
                                       label=f"Test-time augmentation ({tta} views, slower, a bit more accurate)")
+                show_cam = gr.Checkbox(value=loaded.has_gradients, visible=loaded.has_gradients,
+                                       label="Show where the model looked (Grad-CAM)")
                 button = gr.Button("Name the car", variant="primary")
-            label = gr.Label(num_top_classes=TOP_CLASSES, label="Car model")
+            with gr.Column():
+                label = gr.Label(num_top_classes=TOP_CLASSES, label="Car model")
+                heat = gr.Image(type="numpy", format="jpeg", label="Where the model looked (Grad-CAM)",
+                                interactive=False, visible=loaded.has_gradients)
         if examples:
             gr.Examples([[str(p), False] for p in examples], inputs=[photo, use_tta])
-        button.click(classify, inputs=[photo, use_tta], outputs=label)
-        photo.upload(classify, inputs=[photo, use_tta], outputs=label, api_visibility="private")
+        for event, visibility in ((button.click, "public"), (photo.upload, "private")):
+            answered = event(classify, inputs=[photo, use_tta], outputs=label, api_visibility=visibility)
+            if loaded.has_gradients:  # after the answer, which is not kept waiting for the heat map
+                answered.success(explain, inputs=[photo, show_cam], outputs=heat, api_visibility=visibility)
     return demo
 
 

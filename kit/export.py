@@ -1,7 +1,7 @@
-"""Export a trained model for serving: ONNX (ONNX Runtime, no TensorFlow needed) and Keras' own formats.
+"""Export a trained model for serving: ONNX (ONNX Runtime, no TensorFlow needed), TFLite, Keras' own formats.
 
     python -m kit.export                              # the last finished stage: model.onnx and model.keras
-    python -m kit.export --stage 7 --format onnx savedmodel
+    python -m kit.export --stage 7 --format onnx savedmodel tflite   # tflite: LiteRT, for phones and edge boxes
     python -m kit.demo --model <workdir>/weights/export/model.onnx   # serve it without TensorFlow
 
 Files go to <workdir>/weights/export/ (or --out DIR). Every export takes what the kit's model
@@ -28,7 +28,7 @@ from kit.dataset import UnreadableImage, load_resized
 from kit.files import atomic_path, write_text
 from kit.predict import LoadedModel, Predictor, add_model_options, model_from_args, photos_in
 
-FORMATS = {"onnx": "model.onnx", "keras": "model.keras", "savedmodel": "savedmodel"}
+FORMATS = {"onnx": "model.onnx", "keras": "model.keras", "savedmodel": "savedmodel", "tflite": "model.tflite"}
 DEFAULT_FORMATS = ("onnx", "keras")
 METADATA = "model.json"
 TOLERANCE = 1e-4  # largest difference of any probability between the Keras model and an export
@@ -60,8 +60,8 @@ def write_format(model, fmt: str, path: Path) -> None:
         return
     with atomic_path(path) as tmp:
         target = tmp.with_suffix(path.suffix)  # Keras picks the format by the name's suffix
-        if fmt == "onnx":
-            model.export(str(target), format="onnx", verbose=False)
+        if fmt in ("onnx", "tflite"):
+            model.export(str(target), format="litert" if fmt == "tflite" else "onnx", verbose=False)
         else:
             model.save(str(target))
         target.replace(tmp)
@@ -77,10 +77,25 @@ def exported_probabilities(fmt: str, path: Path, views: np.ndarray) -> np.ndarra
         import keras
 
         return np.asarray(keras.saving.load_model(path, compile=False).predict_on_batch(views))
+    if fmt == "tflite":
+        return litert_probabilities(path, views)
     import tensorflow as tf
 
     loaded = tf.saved_model.load(str(path))  # kept referenced while it runs: it owns the variables
     return np.asarray(loaded.serve(tf.constant(views)))
+
+
+def litert_probabilities(path: Path, views: np.ndarray) -> np.ndarray:
+    """A .tflite file on LiteRT's interpreter (ai-edge-litert, which replaces tf.lite's), batch resized to fit."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(path))
+    source, output = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    interpreter.resize_tensor_input(source["index"], views.shape)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(source["index"], np.ascontiguousarray(views, np.uint8))
+    interpreter.invoke()
+    return interpreter.get_tensor(output["index"])
 
 
 def export(loaded: LoadedModel, folder: Path, formats: Sequence[str], photos: Sequence[Path]) -> dict[str, float]:

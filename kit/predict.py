@@ -57,6 +57,11 @@ class LoadedModel:
         accuracy = f", validation accuracy {self.val_accuracy:.4f}" if self.val_accuracy else ""
         return f"{self.backbone}, {stage}, {self.image_size} px{accuracy} ({self.source.name})"
 
+    @property
+    def has_gradients(self) -> bool:
+        """A Keras model (Grad-CAM can run on it), not an exported one served by ONNX Runtime."""
+        return not isinstance(self.model, OnnxModel)
+
 
 def last_finished_stage(workdir: Workdir) -> int | None:
     from kit.stages import stage_status

@@ -5,7 +5,7 @@
 
 Writes submissions/report/: summary.txt, metrics.json, confusion_matrix.png (validation, with TTA),
 confusion_matrix_test.png (the test set, when there is one), top_losses.png (the validation photos
-the model got most wrong), curves.png (every stage's accuracy and loss side by side), and
+the model got most wrong, with Grad-CAM's heat map of where it looked), curves.png (every stage's accuracy and loss side by side), and
 validation_probabilities.csv (test_probabilities.csv) for kit.ensemble. Metrics come from scikit-learn.
 """
 
@@ -23,7 +23,7 @@ from kit.config import FINAL_FIT_STEP, STEPS, Workdir
 from kit.dataset import load_resized, read_test
 from kit.download import is_hidden, is_image, image_files, read_description
 from kit.files import write_text
-from kit.pipeline import DEFAULT_WORKERS, Uncached, default_cache_root, open_cache
+from kit.pipeline import DEFAULT_WORKERS, Uncached, cache_short_side, default_cache_root, open_cache
 from kit.plots import plot_confusion, plot_curves, plot_gallery
 from kit.predict import (VALIDATION_PROBABILITIES, LoadedModel, Predictor, add_model_options, check_classes,
                          labelled_probability_table, model_from_args, validation_set)
@@ -92,14 +92,25 @@ def top_losses(probs: np.ndarray, labels: np.ndarray, count: int) -> np.ndarray:
     return scored[np.argsort(-losses, kind="stable")[:count]]
 
 
-def write_top_losses(probs: np.ndarray, labels: np.ndarray, paths: Sequence[str], classes: Sequence[str],
-                     path: Path, count: int = TOP_LOSSES) -> None:
-    """The gallery of the photos the model got most wrong, with true and predicted names and probabilities."""
-    rows = top_losses(probs, labels, count)
+def write_top_losses(loaded: LoadedModel, probs: np.ndarray, labels: np.ndarray, paths: Sequence[str], path: Path,
+                     count: int = TOP_LOSSES) -> None:
+    """The gallery of the photos the model got most wrong, with true and predicted names and probabilities.
+
+    Over each photo, Grad-CAM of the predicted class (kit.cam): what the model took for evidence.
+    """
+    from kit.cam import explain, overlay
+
+    classes, rows = loaded.classes, top_losses(probs, labels, count)
     photos = [load_resized(paths[k], GALLERY_SIDE) for k in rows]
+    if loaded.has_gradients:
+        seen = [load_resized(paths[k], cache_short_side(loaded.image_size)) for k in rows]
+        explanations = explain(loaded, seen, [int(probs[k].argmax()) for k in rows])
+        photos = [overlay(photo, explanation) for photo, explanation in zip(photos, explanations)]
     captions = [f"true: {classes[labels[k]]} ({probs[k, labels[k]]:.2f})\n"
                 f"predicted: {classes[probs[k].argmax()]} ({probs[k].max():.2f})" for k in rows]
-    plot_gallery(photos, captions, path, f"validation photos with the highest loss ({len(rows)} of {len(labels)})")
+    where = "\nheat: where it looked for the predicted class (Grad-CAM)" if loaded.has_gradients else ""
+    plot_gallery(photos, captions, path,
+                 f"validation photos with the highest loss ({len(rows)} of {len(labels)}){where}")
 
 
 def labelled_folder(folder: Path, classes: Sequence[str]) -> tuple[list[str], np.ndarray]:
@@ -159,7 +170,7 @@ def write_report(workdir: Workdir, loaded: LoadedModel, tta: int, seed: int, wor
         else:
             (folder / VALIDATION_PROBABILITIES).unlink(missing_ok=True)
         if name == "validation":
-            write_top_losses(probs, labels, paths, loaded.classes, folder / "top_losses.png")
+            write_top_losses(loaded, probs, labels, paths, folder / "top_losses.png")
         source = f" ({test[4]})" if name == "test" else ""
         if not result["held_out"]:
             source = (" (the final fit trained on them: not a held-out score; report --stage "

@@ -53,6 +53,22 @@ def test_real_photo_gets_five_ranked_models(server, real_photos):
     assert sum(p for _, p in ranked) == pytest.approx(1, abs=1e-5)
 
 
+def test_the_page_shows_where_the_model_looked(server, real_photos):
+    _, client, loaded = server
+    from kit import cam, demo
+    from kit.dataset import load_resized
+
+    shown = client.predict(gradio_client.handle_file(str(real_photos[0])), True, api_name="/explain")
+    photo = Image.open(real_photos[0])
+    picture = np.asarray(Image.open(shown))
+    # Drawn over the photo at the page's size, keeping its shape; the heat map's colours are there.
+    assert min(picture.shape[:2]) == min(demo.SHOWN_SIDE, *photo.size)
+    assert abs(picture.shape[1] / picture.shape[0] - photo.width / photo.height) < 0.02
+    expected = cam.explain(loaded, [load_resized(real_photos[0], Predictor(loaded, 1).short_side)])[0]
+    assert expected.heat.max() == pytest.approx(1) and expected.class_index < len(loaded.classes)
+    assert client.predict(gradio_client.handle_file(str(real_photos[0])), False, api_name="/explain") is None
+
+
 def bomb_png(path: Path, width: int = 9000, height: int = 5000) -> Path:
     """A 45-megapixel PNG of a few kilobytes: what a decompression bomb looks like."""
     row = b"\x00" + b"\x00" * width

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import ROOT, demo_process, run_kit
 from kit.config import COMPETITION_CLASSES, Workdir
-from kit.export import check_views
+from kit.export import check_views, litert_probabilities
 from kit.predict import OnnxModel, load_model, load_onnx, weights_path
 
 pytest.importorskip("onnxruntime")
@@ -24,7 +24,7 @@ def exported(smoke_run, shared, tmp_path_factory) -> Path:
     """The smoke run's model exported to every format, checked on the real test photos."""
     folder = tmp_path_factory.mktemp("export")
     result = run_kit("kit.export", "--workdir", str(smoke_run.parent), "--profile", "smoke", "--out", str(folder),
-                     "--format", "onnx", "keras", "savedmodel", "--photos", str(shared / "test_upload_sample"))
+                     "--format", "onnx", "keras", "savedmodel", "tflite", "--photos", str(shared / "test_upload_sample"))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     return folder
 
@@ -32,7 +32,7 @@ def exported(smoke_run, shared, tmp_path_factory) -> Path:
 def test_every_format_matches_the_keras_model_on_real_photos(exported, smoke_run, real_photos):
     meta = json.loads((exported / "model.json").read_text())
     assert meta["classes"] == list(COMPETITION_CLASSES) and meta["stage"] == 7 and meta["image_size"] == 64
-    assert meta["check"]["photos"] == 16 and set(meta["files"]) == {"onnx", "keras", "savedmodel"}
+    assert meta["check"]["photos"] == 16 and set(meta["files"]) == {"onnx", "keras", "savedmodel", "tflite"}
     assert all(d <= 1e-4 for d in meta["check"]["max_abs_difference"].values())
 
     import keras
@@ -43,6 +43,7 @@ def test_every_format_matches_the_keras_model_on_real_photos(exported, smoke_run
     assert np.abs(OnnxModel(exported / "model.onnx").predict_on_batch(views) - expected).max() <= 1e-4
     reloaded = keras.saving.load_model(exported / "model.keras", compile=False)
     assert np.abs(reloaded.predict_on_batch(views) - expected).max() <= 1e-4
+    assert np.abs(litert_probabilities(exported / "model.tflite", views) - expected).max() <= 1e-4
     onnx = load_onnx(exported / "model.onnx")
     assert onnx.classes == loaded.classes and onnx.image_size == loaded.image_size
 
@@ -62,6 +63,7 @@ def test_the_demo_serves_the_onnx_model_where_tensorflow_cannot_be_imported(expo
         (poison / name / "__init__.py").write_text(f"raise ImportError('{name} must not be imported by the demo')")
     env = {**os.environ, "PYTHONPATH": f"{poison}{os.pathsep}{ROOT}"}
     with demo_process("--model", str(exported / "model.onnx"), "--workdir", str(tmp_path), env=env) as (client, _):
+        assert "/explain" not in client.view_api(print_info=False, return_format="dict")["named_endpoints"]
         for tta in (False, True):
             result = client.predict(gradio_client.handle_file(str(real_photos[0])), tta, api_name="/classify")
             labels = [c["label"] for c in result["confidences"]]
