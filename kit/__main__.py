@@ -32,8 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from kit.stage import prepare_devices, train
+
+    prepare_devices(args)
     from kit import download, predict
-    from kit.stage import train
 
     profile = PROFILES["smoke" if args.smoke else args.profile]
     workdir = Workdir.resolve(args.workdir, profile)

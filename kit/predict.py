@@ -98,7 +98,8 @@ def load_model(path: Path, image_size: int | None = None, precision: str = "auto
     import keras
 
     from kit import checkpoint
-    from kit.backbones import build_model, choose_precision
+    from kit.backbones import build_model
+    from kit.devices import choose_precision
     from kit.stages import RunConfig
 
     try:

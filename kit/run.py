@@ -10,8 +10,8 @@ A flag that contradicts a saved record is refused, naming the flag and the way o
 out means "as saved", so `--all`, `python -m kit` and the notebooks resume with no flags at all.
 
 How a run executes may change from one session to the next without changing what is learned:
-  Execution  resume or restart, the time budget, checkpoint interval, precision (it follows the
-             machine), XLA, determinism, loader threads, the cache folder.
+  Execution  resume or restart, the time budget, checkpoint interval, the devices (kit.devices),
+             precision (it follows the machine), XLA, determinism, loader threads, the cache folder.
 """
 
 from __future__ import annotations
@@ -134,6 +134,7 @@ class Execution:
     restart: bool = False
     budget: Budget = Budget()
     save_every: int | None = None  # steps; None: about every SAVE_INTERVAL_S seconds
+    devices: int = 1  # data parallel over this many devices; each batch is split across them
     precision: str = "auto"
     jit: str = "auto"  # "auto" (Keras' rule), "on" or "off"
     deterministic: bool = False

@@ -69,13 +69,20 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
                           "started ($KIT_SESSION_START) or, without it, since this command started")
     how.add_argument("--save-every", type=int, metavar="STEPS",
                      help="checkpoint every STEPS batches (default: about every 10 minutes)")
+    how.add_argument("--devices", default="all", metavar="N|all",
+                     help="train data parallel on N devices (default: all the accelerators, else the CPU). Each "
+                          "stage's batch is split across them with BatchNorm statistics over the whole batch, so "
+                          "the learning rate and what is learned stay the same; a run may resume on another count. "
+                          "On a machine without accelerators N splits the CPU into N logical devices")
     how.add_argument("--precision", choices=["auto", "float32", "mixed_float16", "mixed_bfloat16"], default="auto",
                      help="auto: mixed precision on a GPU (bfloat16 where the chip has it), float32 on a CPU")
     how.add_argument("--jit", choices=["auto", "on", "off"], default="auto",
                      help="XLA compilation of the train step. auto (default) is Keras' own rule: on with a GPU, off "
                           "on a CPU and with --deterministic under TensorFlow, always on under JAX")
     how.add_argument("--deterministic", action="store_true",
-                     help="deterministic ops (bit-exact resume; slower on GPU)")
+                     help="deterministic kernels, for a bit-exact resume (slower on GPU): TensorFlow's op "
+                          "determinism; JAX's XLA deterministic GPU ops (its CPU kernels are already); not "
+                          "available on the torch backend")
     how.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="CPU threads for loading and augmenting")
     how.add_argument("--cache-dir", type=Path, help="image cache folder (default: $KIT_CACHE_DIR or <workdir>/cache)")
 
@@ -143,14 +150,28 @@ def training_options(args: argparse.Namespace) -> dict:
 
 
 def execution_from(args: argparse.Namespace):
+    from kit.devices import choose_count, device_names
     from kit.run import Budget, Execution
 
     if args.time_budget is not None and args.time_budget <= 0:
         raise KitError("--time-budget is in minutes and must be positive.")
     return Execution(resume=getattr(args, "resume", False), restart=getattr(args, "restart", False),
-                     budget=Budget.minutes(args.time_budget), save_every=args.save_every, precision=args.precision,
+                     budget=Budget.minutes(args.time_budget), save_every=args.save_every,
+                     devices=choose_count(args.devices, len(device_names())), precision=args.precision,
                      jit=args.jit, deterministic=args.deterministic, workers=max(1, args.workers),
                      cache_dir=args.cache_dir)
+
+
+def prepare_devices(args: argparse.Namespace) -> None:
+    """--devices N on a machine without accelerators (and --deterministic): set before the backend starts."""
+    from kit.devices import ALL, request_cpu_devices, request_determinism
+
+    if getattr(args, "deterministic", False):
+        request_determinism()
+    if args.devices != ALL:
+        if not args.devices.isdigit() or int(args.devices) < 1:
+            raise KitError(f"--devices takes a number of devices (1, 2, ...) or 'all', not '{args.devices}'.")
+        request_cpu_devices(int(args.devices))
 
 
 def plans_for_all(workdir: Workdir, profile, requested) -> list:
@@ -215,6 +236,7 @@ def final_fit(workdir: Workdir, config, requested, execution) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    prepare_devices(args)
     from kit import stages
 
     profile = PROFILES[args.profile]

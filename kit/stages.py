@@ -29,10 +29,11 @@ from tqdm.auto import tqdm
 
 from kit import checkpoint, recipe
 from kit.augment import plain_transform, train_transform
-from kit.backbones import build_model, choose_precision, describe_device, set_trainable
+from kit.backbones import build_model, set_trainable
 from kit.cli import KitError
 from kit.config import FINAL_FIT_STEP, Stage, Workdir
 from kit.dataset import Split, class_weights, drop_unreadable, load_split
+from kit.devices import Parallel, choose_precision, describe_device
 from kit.files import atomic_path, write_text
 from kit.pipeline import Batches, CacheIncomplete, cache_is_complete, default_cache_root, open_training_cache
 from kit.plots import plot_curves
@@ -266,7 +267,7 @@ class _StopRequests:
 class StageData:
     train: Batches
     val: Batches
-    class_weight: dict[int, float] | None
+    class_weight: np.ndarray | None  # one weight per class, or None
     mix: recipe.BatchMixer  # one-hot targets, MixUp/CutMix where the options ask
     train_images: int
     val_images: int
@@ -291,24 +292,29 @@ def run_stage(workdir: Workdir, plan: StagePlan, config: RunConfig, execution: E
             why = "a stop request" if stop_requests.requested else "the time budget (the model's set-up would not fit)"
             return _stopped(workdir, stage.step, why)
         setup_started = time.monotonic()
-        model, state = prepare_model(workdir, plan, config, execution, previous, data)
+        model, state, parallel = prepare_model(workdir, plan, config, execution, previous, data)
         print(f"Stage {stage.step}{_final_fit_note(plan)}: {config.backbone} at {stage.image_size} px, batch "
               f"{stage.batch_size}, lr {state.lr:.2g}, {stage.describe_trainable()}, {state.runtime['precision']}"
               f"{' with XLA' if state.runtime['jit'] else ''} on {state.runtime['device']}"
+              f"{', ' + parallel.describe() if parallel.count > 1 else ''}"
               f"{', class-weighted loss' if plan.class_weights else ''}"
               f"{', ' + plan.options.describe() if plan.options.describe() else ''}, "
               f"{data.train_images} training / {data.val_images} validation images, {len(data.train)} steps per "
               "epoch", flush=True)
 
-        while state.epoch < plan.epochs and not state.stopped_early:
-            finished = train_epoch(model, data, state, timer, stop_requests, execution, workdir, setup_started)
-            setup_started = None
-            if not finished or timer.would_pass("validation"):
-                why = "a stop request" if stop_requests.requested else "the time budget"
+        try:
+            while state.epoch < plan.epochs and not state.stopped_early:
+                finished = train_epoch(model, parallel, data, state, timer, stop_requests, execution, workdir,
+                                       setup_started)
+                setup_started = None
+                if not finished or timer.would_pass("validation"):
+                    why = "a stop request" if stop_requests.requested else "the time budget"
+                    save_checkpoint(workdir, model, state, timer)
+                    return _stopped(workdir, stage.step, why, state)
+                validate_epoch(workdir, model, parallel, data, state, timer)
                 save_checkpoint(workdir, model, state, timer)
-                return _stopped(workdir, stage.step, why, state)
-            validate_epoch(workdir, model, data, state, timer)
-            save_checkpoint(workdir, model, state, timer)
+        finally:
+            parallel.close()
     return finish_stage(workdir, state, timer)
 
 
@@ -384,14 +390,21 @@ def prepare_data(workdir: Workdir, plan: StagePlan, config: RunConfig, execution
     if len(train_batches) == 0:
         raise KitError(f"Stage {stage.step} has {len(train)} training images, fewer than one batch of "
                        f"{stage.batch_size}: lower --batch-size (with --restart) or add data.")
-    weights = class_weights(train.Category.to_numpy(), len(config.classes)) if plan.class_weights else None
+    weights = None
+    if plan.class_weights:
+        weights = np.array([w for _, w in sorted(class_weights(train.Category.to_numpy(),
+                                                               len(config.classes)).items())], np.float32)
     mix = recipe.BatchMixer(plan.options, len(config.classes), config.seed, stage.step)
     return StageData(train_batches, val_batches, weights, mix, len(train), len(val))
 
 
 def prepare_model(workdir: Workdir, plan: StagePlan, config: RunConfig, execution: Execution, previous,
-                  data: StageData) -> tuple[keras.Model, LoopState]:
-    """The model at this stage's size, unfrozen as its row says, with the checkpoint's or the last stage's weights."""
+                  data: StageData) -> tuple[keras.Model, LoopState, Parallel]:
+    """The model at this stage's size, unfrozen as its row says, with the checkpoint's or the last stage's weights.
+
+    Built on the devices the run was given; the batch is split across them, so what the stage
+    learns does not depend on how many there are.
+    """
     stage = plan.stage
     keras.backend.clear_session()  # a fresh graph per stage when --all runs several in one process
     keras.utils.set_random_seed(config.seed + stage.step)
@@ -401,14 +414,20 @@ def prepare_model(workdir: Workdir, plan: StagePlan, config: RunConfig, executio
         tf.config.experimental.enable_op_determinism()
     precision = choose_precision(execution.precision)
     keras.mixed_precision.set_global_policy(precision)
-    model = build_model(config.backbone, stage.image_size, len(config.classes),
-                        config.weights if stage.step == 1 else "none", config.head)
-    set_trainable(model, stage.trainable)
-    model.compile(optimizer=recipe.optimizer(stage, plan.options, len(data.train)), loss=recipe.loss(plan.options),
-                  metrics=["categorical_accuracy"],
-                  jit_compile={"auto": "auto", "on": True, "off": False}[execution.jit])
-    model.optimizer.build(model.trainable_variables)
-    runtime = {"precision": precision, "device": describe_device(), "jit": bool(model.jit_compile)}
+    parallel = Parallel.over(execution.devices)
+    parallel.check_batch(stage.batch_size, stage.step)
+    with parallel.scope():
+        model = build_model(config.backbone, stage.image_size, len(config.classes),
+                            config.weights if stage.step == 1 else "none", config.head)
+        set_trainable(model, stage.trainable)
+        parallel.prepare(model)
+        model.compile(optimizer=recipe.optimizer(stage, plan.options, len(data.train)),
+                      loss=recipe.loss(plan.options), metrics=["categorical_accuracy"],
+                      jit_compile={"auto": "auto", "on": True, "off": False}[execution.jit])
+        model.optimizer.build(model.trainable_variables)
+        parallel.build_compiled(model, len(config.classes))
+    runtime = {"precision": precision, "device": describe_device(), "jit": bool(model.jit_compile),
+               "devices": parallel.count}
 
     try:
         if previous:
@@ -417,11 +436,13 @@ def prepare_model(workdir: Workdir, plan: StagePlan, config: RunConfig, executio
             checkpoint.assign_model(model, arrays, path)
             notes = checkpoint.assign_optimizer(model.optimizer, arrays, path)
             print(f"Stage {stage.step}: resuming from {path.name} at epoch {state.epoch + 1}, step {state.step}")
-            if state.runtime and {k: state.runtime.get(k) for k in ("precision", "device")} != {
-                    k: runtime[k] for k in ("precision", "device")}:
-                print(f"note: this stage ran under {state.runtime['precision']} on {state.runtime['device']} and "
-                      f"continues under {precision} on {runtime['device']}; Adam's state is kept"
-                      + "".join(f", {n}" for n in notes) + ". Training continues correctly but not bit for bit.")
+            if state.runtime and {k: state.runtime.get(k, 1 if k == "devices" else None) for k in RUNTIME_KEYS} != {
+                    k: runtime[k] for k in RUNTIME_KEYS}:
+                before = _on(state.runtime["precision"], state.runtime["device"], state.runtime.get("devices", 1))
+                print(f"note: this stage ran under {before} and continues under "
+                      f"{_on(precision, runtime['device'], parallel.count)}; Adam's state is kept"
+                      + "".join(f", {n}" for n in notes) + ". The batches and learning rate are the same, so "
+                      "training continues correctly, but not bit for bit.")
         else:
             state = LoopState(plan=plan.to_dict(), config=dataclasses.asdict(config),
                               lr=plan.final_fit.lrs[0] if plan.final_fit else stage.lr)
@@ -436,7 +457,14 @@ def prepare_model(workdir: Workdir, plan: StagePlan, config: RunConfig, executio
         _set_learning_rate(model, plan, state)
     elif plan.options.schedule != "cosine":
         model.optimizer.learning_rate.assign(state.lr)
-    return model, state
+    return model, state, parallel
+
+
+RUNTIME_KEYS = ("precision", "device", "devices")  # a change of any of these makes a resume not bit for bit
+
+
+def _on(precision: str, device: str, devices: int) -> str:
+    return f"{precision} on {device}" + (f" x {devices} (data parallel)" if devices > 1 else "")
 
 
 def _set_learning_rate(model: keras.Model, plan: StagePlan, state: LoopState) -> None:
@@ -447,8 +475,9 @@ def _set_learning_rate(model: keras.Model, plan: StagePlan, state: LoopState) ->
         model.optimizer.learning_rate.assign(state.lr)
 
 
-def train_epoch(model: keras.Model, data: StageData, state: LoopState, timer: Timer, stop_requests: _StopRequests,
-                execution: Execution, workdir: Workdir, setup_started: float | None) -> bool:
+def train_epoch(model: keras.Model, parallel: Parallel, data: StageData, state: LoopState, timer: Timer,
+                stop_requests: _StopRequests, execution: Execution, workdir: Workdir,
+                setup_started: float | None) -> bool:
     """Train from the state's position to the epoch's end; False when stopped first (budget or signal)."""
     stage, plan = state.stage, state.stage_plan
     bar = tqdm(total=len(data.train), initial=state.step, desc=f"stage {stage.step} epoch {state.epoch + 1}/"
@@ -461,7 +490,8 @@ def train_epoch(model: keras.Model, data: StageData, state: LoopState, timer: Ti
             # Per-batch figures whatever the Keras version does with its running metrics.
             model.reset_metrics()
             x, targets = data.mix(x, y, state.epoch, state.step)
-            loss, accuracy = model.train_on_batch(x, targets, class_weight=data.class_weight)
+            batch = (x, targets) if data.class_weight is None else (x, targets, data.class_weight[y])
+            loss, accuracy = model.train_on_batch(*parallel.split(*batch))
             if setup_started is not None:  # the first step of a session compiles: part of the set-up
                 timer.note("setup", time.monotonic() - setup_started)
                 setup_started = None
@@ -481,7 +511,8 @@ def train_epoch(model: keras.Model, data: StageData, state: LoopState, timer: Ti
     return True
 
 
-def validate_epoch(workdir: Workdir, model: keras.Model, data: StageData, state: LoopState, timer: Timer) -> None:
+def validate_epoch(workdir: Workdir, model: keras.Model, parallel: Parallel, data: StageData, state: LoopState,
+                   timer: Timer) -> None:
     """Score the epoch, keep the best weights, apply the plateau and early-stopping rules, move to the next epoch.
 
     With an EMA of the weights, the averaged weights are the ones scored and kept. The final fit
@@ -491,7 +522,7 @@ def validate_epoch(workdir: Workdir, model: keras.Model, data: StageData, state:
     started = time.monotonic()
     sums = state.sums
     with recipe.averaged_weights(model):
-        val_loss, val_accuracy = evaluate(model, data.val)
+        val_loss, val_accuracy = evaluate(model, parallel, data.val)
         row = {"epoch": epoch + 1, "loss": sums["loss"] / max(sums["seen"], 1),
                "accuracy": sums["correct"] / max(sums["seen"], 1), "val_loss": val_loss,
                "val_accuracy": val_accuracy, "lr": state.lr}
@@ -510,11 +541,11 @@ def validate_epoch(workdir: Workdir, model: keras.Model, data: StageData, state:
     _write_log(workdir.stage_dir(stage.step), stage.step, state.history)
 
 
-def evaluate(model: keras.Model, batches: Batches) -> tuple[float, float]:
+def evaluate(model: keras.Model, parallel: Parallel, batches: Batches) -> tuple[float, float]:
     """Validation loss and accuracy over every validation image, unaugmented."""
     total_loss, correct, seen = 0.0, 0, 0
     for x, y in batches.epoch(0):
-        probs = np.asarray(model.predict_on_batch(x), np.float64)
+        probs = np.asarray(parallel.predict(model, x), np.float64)
         total_loss += float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-7, 1.0)).sum())
         correct += int((probs.argmax(axis=1) == y).sum())
         seen += len(y)

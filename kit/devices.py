@@ -1,0 +1,248 @@
+"""How a run executes on this machine: which devices, data parallelism, precision. How, never what.
+
+The only module that knows `tf.distribute` and `keras.distribution`. Data parallelism splits each
+stage's batch (the global batch, the table's number) evenly across the devices, and BatchNorm's
+statistics are taken over the whole batch on every device (JAX: the step is one program over the
+sharded batch; TensorFlow: the layers are switched to synchronized statistics). So every device
+count trains the same model from the same batches, at the table's learning rate, and a run can
+move between one and several devices on resume without changing what it learns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+ALL = "all"
+
+
+def request_cpu_devices(count: int) -> None:
+    """Split the CPU into `count` logical devices (for a machine without accelerators, and the tests).
+
+    It must happen before the backend starts: JAX reads XLA_FLAGS when it first initialises, and
+    TensorFlow refuses to reconfigure devices once any op has run.
+    """
+    if count <= 1:
+        return
+    flag = f"--xla_force_host_platform_device_count={count}"
+    os.environ["XLA_FLAGS"] = " ".join([*(f for f in os.environ.get("XLA_FLAGS", "").split()
+                                          if not f.startswith("--xla_force_host_platform_device_count")), flag])
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        if not tf.config.list_physical_devices("GPU"):
+            tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * count)
+
+
+def request_determinism() -> None:
+    """--deterministic before the backend starts: JAX's GPU kernels are chosen when XLA starts.
+
+    TensorFlow's switch (enable_op_determinism) is thrown when a stage builds its model; the
+    torch backend gets none from the kit, and says so in --help.
+    """
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "--xla_gpu_deterministic_ops" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_gpu_deterministic_ops=true".strip()
+
+
+def device_names() -> list[str]:
+    """This process's devices for training: every accelerator, or else every (logical) CPU device."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        gpus = tf.config.list_logical_devices("GPU")
+        return [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
+    if backend == "jax":
+        import jax
+
+        return [f"{d.platform}:{d.id}" for d in jax.devices()]
+    return ["cpu:0"]  # the torch backend: one device
+
+
+def choose_count(requested: str, available: int) -> int:
+    """--devices N|all as a number, refusing more than the machine has."""
+    from kit.cli import KitError
+
+    if requested == ALL:
+        return available
+    count = int(requested)
+    if count > available:
+        raise KitError(f"--devices {count}: this machine has {available} device{'s' if available > 1 else ''} "
+                       f"for training. Use --devices {available} (or all); on a CPU-only machine the devices are "
+                       "logical ones, which need `--devices N` from the start of the command.")
+    return count
+
+
+@dataclass
+class Parallel:
+    """The devices one stage trains on: build the model inside `scope()`, pass batches through `split`."""
+
+    count: int = 1
+    names: list[str] = field(default_factory=lambda: ["cpu:0"])
+    _strategy: object = None
+
+    @classmethod
+    def over(cls, count: int) -> "Parallel":
+        """Data parallel over the first `count` devices (one device: nothing distributed at all)."""
+        import keras
+
+        names = device_names()[:count]
+        if count <= 1:
+            return cls(1, names[:1])
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            return cls(count, names, tf.distribute.MirroredStrategy(names))
+        if keras.backend.backend() == "jax":
+            import jax
+
+            keras.distribution.set_distribution(keras.distribution.DataParallel(devices=jax.devices()[:count]))
+            return cls(count, names)
+        from kit.cli import KitError
+
+        raise KitError("Several devices need Keras' TensorFlow or JAX backend; use --devices 1 with this one.")
+
+    def scope(self):
+        """Where the model and its optimizer are built: their variables are mirrored on every device."""
+        return self._strategy.scope() if self._strategy is not None else contextlib.nullcontext()
+
+    def prepare(self, model) -> None:
+        """BatchNorm's statistics over the whole batch, not each device's share (TensorFlow needs telling)."""
+        if self._strategy is None:
+            return
+        import keras
+
+        for layer in _all_layers(model):
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.synchronized = True
+
+    def build_compiled(self, model, classes: int) -> None:
+        """Build the compiled loss and metrics, which Keras does on the first batch it sees.
+
+        Under tf.distribute it cannot do that from a batch already split across devices, so it is
+        shown one plain batch first (a test step: the weights do not change; the metrics are reset
+        before every training step anyway).
+        """
+        if self._strategy is None:
+            return
+        shape = (self.count, *model.input_shape[1:])
+        model.test_on_batch(np.zeros(shape, np.uint8), np.eye(classes, dtype=np.float32)[[0] * self.count])
+
+    def check_batch(self, batch_size: int, step: int) -> None:
+        from kit.cli import KitError
+
+        if batch_size % self.count:
+            raise KitError(f"Stage {step}'s batch of {batch_size} does not split evenly over {self.count} devices. "
+                           f"Use --devices with a divisor of {batch_size}, or start the stage with a --batch-size "
+                           f"that {self.count} divides.")
+
+    def split(self, *arrays: np.ndarray):
+        """The batch as the devices take it: TensorFlow wants each replica's share; JAX shards it itself."""
+        if self._strategy is None:
+            return arrays if len(arrays) > 1 else arrays[0]
+        share = len(arrays[0]) // self.count
+
+        def part(array):
+            return self._strategy.experimental_distribute_values_from_function(
+                lambda context: array[context.replica_id_in_sync_group * share:
+                                      (context.replica_id_in_sync_group + 1) * share])
+
+        parts = tuple(part(a) for a in arrays)
+        return parts if len(parts) > 1 else parts[0]
+
+    def predict(self, model, images: np.ndarray) -> np.ndarray:
+        """model.predict_on_batch over the devices; a batch that does not split evenly is padded, then trimmed."""
+        if self.count == 1:
+            return np.asarray(model.predict_on_batch(images))
+        missing = -len(images) % self.count
+        padded = np.concatenate([images, np.repeat(images[-1:], missing, axis=0)]) if missing else images
+        return np.asarray(model.predict_on_batch(self.split(padded)))[:len(images)]
+
+    def describe(self) -> str:
+        return "1 device" if self.count == 1 else f"{self.count} devices (data parallel)"
+
+    def close(self) -> None:
+        """Forget the distribution, so a later model in this process is built on one device again."""
+        if self._strategy is None and self.count > 1:
+            import keras
+
+            keras.distribution.set_distribution(None)
+
+
+def _all_layers(model):
+    """Every layer, nested models' included (the backbone is a model inside the model)."""
+    for layer in getattr(model, "layers", []):
+        yield layer
+        yield from _all_layers(layer)
+
+
+# ---- precision and the accelerator, in words ----------------------------------------------------
+
+def choose_precision(precision: str) -> str:
+    """'auto' means mixed precision on a GPU (bfloat16 where the chip has it) and float32 on a CPU."""
+    if precision != "auto":
+        return precision
+    gpu = _gpu_compute_capability()
+    if gpu is None:
+        return "float32"
+    return "mixed_bfloat16" if gpu >= 8.0 else "mixed_float16"
+
+
+def describe_device() -> str:
+    """The accelerator a run is on, in words ('NVIDIA Tesla T4', 'CPU'): recorded with each checkpoint."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+        return tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU") if gpus else "CPU"
+    if backend == "jax":
+        import jax
+
+        device = jax.devices()[0]
+        return "CPU" if device.platform == "cpu" else str(device.device_kind)
+    if backend == "torch":
+        import torch
+
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    return "CPU"
+
+
+def _gpu_compute_capability() -> float | None:
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+        if not gpus:
+            return None
+        major, minor = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability", (7, 0))
+        return major + minor / 10
+    if backend == "jax":
+        import jax
+
+        device = jax.devices()[0]
+        if device.platform != "gpu":
+            return None
+        return float(getattr(device, "compute_capability", "7.0"))
+    if backend == "torch":
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        major, minor = torch.cuda.get_device_capability()
+        return major + minor / 10
+    return None

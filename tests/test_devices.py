@@ -1,0 +1,100 @@
+"""kit.devices and --devices: data parallel on logical CPU devices, TensorFlow and JAX, and the JAX backend's kit."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, run_kit
+from kit import checkpoint
+from kit.config import PROFILES, Workdir
+from kit.stages import stage_status
+
+JAX = pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="JAX is not installed (pip install jax)")
+BACKENDS = ["tensorflow", pytest.param("jax", marks=JAX)]
+
+
+def on(backend: str) -> dict:
+    return {"KERAS_BACKEND": backend}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_devices_train_the_same_weights_as_one(tmp_path, backend):
+    """The same global batches on 1 and 2 devices: the same weights and predictions, to float tolerance."""
+    results = {}
+    for devices in (1, 2):
+        out = tmp_path / f"{devices}.npz"
+        done = subprocess.run([sys.executable, str(ROOT / "tests" / "parallel_steps.py"), str(devices), str(out)],
+                              capture_output=True, text=True, env={**os.environ, **on(backend)}, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[devices] = np.load(out)
+    one, two = results[1], results[2]
+    assert sorted(one.files) == sorted(two.files) and len(one.files) > 20
+    assert one["probs"].shape == (7, 5)
+    assert max(float(np.abs(one[k] - two[k]).max()) for k in one.files) <= 1e-5
+
+
+@JAX
+def test_a_stage_on_two_devices_resumes_exactly_and_moves_to_one(tmp_path, backend="jax"):
+    """On JAX, SIGKILL mid-epoch on 2 devices: resumed on 2, the same weights as uninterrupted; on 1, a note.
+
+    (TensorFlow's data parallel shares this loop; its split and reduction are checked by the test above,
+    and its single-device exact resume by test_stages.)
+    """
+    from test_stages import STAGE_ARGS, best_arrays, kill, log_rows, smoke_workdir, stage_command, start, wait_for
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **on(backend)}
+    base = tmp_path / "base"
+    smoke_workdir(base)
+    first = run_kit("kit.stage", "--step", "1", "--workdir", str(base), *STAGE_ARGS, "--devices", "2", env=on(backend))
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    assert "2 devices (data parallel)" in first.stdout
+    runs = {name: tmp_path / name for name in ("reference", "interrupted", "moved")}
+    for root in runs.values():
+        shutil.copytree(base, root)
+
+    done = subprocess.run(stage_command(runs["reference"], "--step", "2", "--devices", "2"), capture_output=True,
+                          text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("interrupted", "moved"):
+        folder = Workdir.resolve(runs[name], PROFILES["smoke"]).stage_dir(2)
+        process = start(stage_command(runs[name], "--step", "2", "--save-every", "4", "--devices", "2"), env=env)
+        wait_for(lambda: (folder / checkpoint.checkpoint_name(0, 4)).exists(), process)
+        kill(process)
+
+    resumed = subprocess.run(stage_command(runs["interrupted"], "--step", "2", "--resume", "--devices", "2"),
+                             capture_output=True, text=True, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = (Workdir.resolve(runs[n], PROFILES["smoke"]) for n in ("reference", "interrupted"))
+    ref, got = best_arrays(a, 2), best_arrays(b, 2)
+    assert max(float(np.abs(ref[k].astype(np.float64) - got[k]).max()) for k in ref) <= 1e-6
+    assert log_rows(a, 2) == log_rows(b, 2)
+
+    moved = subprocess.run(stage_command(runs["moved"], "--step", "2", "--resume", "--devices", "1"),
+                           capture_output=True, text=True, env=env)
+    assert moved.returncode == 0, moved.stderr[-3000:]
+    assert "(data parallel) and continues under float32 on CPU" in " ".join(moved.stdout.split())
+    assert stage_status(Workdir.resolve(runs["moved"], PROFILES["smoke"]), 2) == "done"
+
+
+@pytest.mark.parametrize("value", ["0", "two"])
+def test_a_bad_devices_value_is_refused_in_one_paragraph(tmp_path, value):
+    result = run_kit("kit.stage", "--step", "1", "--workdir", str(tmp_path), "--profile", "smoke", "--devices", value)
+    assert result.returncode == 2 and "takes a number of devices" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_batch_the_devices_cannot_share_evenly_is_refused(tmp_path):
+    from test_stages import smoke_workdir
+
+    smoke_workdir(tmp_path)
+    result = run_kit("kit.stage", "--step", "1", "--workdir", str(tmp_path), "--profile", "smoke", "--batch-size", "7",
+                     "--devices", "2")
+    assert result.returncode == 2 and "does not split evenly over 2 devices" in " ".join(result.stderr.split())
+    assert "Traceback" not in result.stderr
