@@ -41,46 +41,47 @@ def test_two_devices_train_the_same_weights_as_one(tmp_path, backend):
 
 
 @JAX
-def test_a_stage_on_two_devices_resumes_exactly_and_moves_to_one(tmp_path, backend="jax"):
+def test_a_stage_on_two_devices_resumes_exactly_and_moves_to_one(tmp_path):
     """On JAX, SIGKILL mid-epoch on 2 devices: resumed on 2, the same weights as uninterrupted; on 1, a note.
 
     (TensorFlow's data parallel shares this loop; its split and reduction are checked by the test above,
     and its single-device exact resume by test_stages.)
     """
-    from test_stages import STAGE_ARGS, best_arrays, kill, log_rows, smoke_workdir, stage_command, start, wait_for
+    from test_stages import best_arrays, kill, log_rows, smoke_workdir, stage_command, start, wait_for
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **on(backend)}
+    args = ["--profile", "smoke", "--epochs", "1", "--batch-size", "8", "--deterministic", "--devices", "2"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **on("jax")}
     base = tmp_path / "base"
     smoke_workdir(base)
-    first = run_kit("kit.stage", "--step", "1", "--workdir", str(base), *STAGE_ARGS, "--devices", "2", env=on(backend))
+    first = run_kit("kit.stage", "--step", "1", "--workdir", str(base), *args, env=on("jax"))
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     assert "2 devices (data parallel)" in first.stdout
-    runs = {name: tmp_path / name for name in ("reference", "interrupted", "moved")}
-    for root in runs.values():
-        shutil.copytree(base, root)
+    reference, interrupted, moved = tmp_path / "reference", tmp_path / "interrupted", tmp_path / "moved"
+    shutil.copytree(base, reference)
+    shutil.copytree(base, interrupted)
 
-    done = subprocess.run(stage_command(runs["reference"], "--step", "2", "--devices", "2"), capture_output=True,
-                          text=True, env=env)
+    done = subprocess.run(stage_command(reference, "--step", "2", args=args), capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    for name in ("interrupted", "moved"):
-        folder = Workdir.resolve(runs[name], PROFILES["smoke"]).stage_dir(2)
-        process = start(stage_command(runs[name], "--step", "2", "--save-every", "4", "--devices", "2"), env=env)
-        wait_for(lambda: (folder / checkpoint.checkpoint_name(0, 4)).exists(), process)
-        kill(process)
+    folder = Workdir.resolve(interrupted, PROFILES["smoke"]).stage_dir(2)
+    process = start(stage_command(interrupted, "--step", "2", "--save-every", "4", args=args), env=env)
+    wait_for(lambda: (folder / checkpoint.checkpoint_name(0, 4)).exists(), process)
+    kill(process)
+    shutil.copytree(interrupted, moved)  # the same interrupted run, to resume on one device
 
-    resumed = subprocess.run(stage_command(runs["interrupted"], "--step", "2", "--resume", "--devices", "2"),
-                             capture_output=True, text=True, env=env)
+    resumed = subprocess.run(stage_command(interrupted, "--step", "2", "--resume", args=args), capture_output=True,
+                             text=True, env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a, b = (Workdir.resolve(runs[n], PROFILES["smoke"]) for n in ("reference", "interrupted"))
+    a, b = (Workdir.resolve(root, PROFILES["smoke"]) for root in (reference, interrupted))
     ref, got = best_arrays(a, 2), best_arrays(b, 2)
     assert max(float(np.abs(ref[k].astype(np.float64) - got[k]).max()) for k in ref) <= 1e-6
     assert log_rows(a, 2) == log_rows(b, 2)
 
-    moved = subprocess.run(stage_command(runs["moved"], "--step", "2", "--resume", "--devices", "1"),
-                           capture_output=True, text=True, env=env)
-    assert moved.returncode == 0, moved.stderr[-3000:]
-    assert "(data parallel) and continues under float32 on CPU" in " ".join(moved.stdout.split())
-    assert stage_status(Workdir.resolve(runs["moved"], PROFILES["smoke"]), 2) == "done"
+    one_device = [*args[:-1], "1"]
+    moved_on = subprocess.run(stage_command(moved, "--step", "2", "--resume", args=one_device), capture_output=True,
+                              text=True, env=env)
+    assert moved_on.returncode == 0, moved_on.stderr[-3000:]
+    assert "(data parallel) and continues under float32 on CPU" in " ".join(moved_on.stdout.split())
+    assert stage_status(Workdir.resolve(moved, PROFILES["smoke"]), 2) == "done"
 
 
 @pytest.mark.parametrize("value", ["0", "two"])

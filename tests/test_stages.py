@@ -417,6 +417,6 @@ def test_final_fit_needs_the_last_stage_and_takes_no_new_settings(stage_one):
 
 
 def test_the_stage_record_says_how_it_ran(stage_one):
-    """Precision, device and XLA as resolved on this machine (Keras' auto rule: no XLA on a CPU with TensorFlow)."""
+    """Precision, device, device count and XLA as resolved here (Keras' auto rule: no XLA on a CPU with TensorFlow)."""
     record = read_manifest(Workdir.resolve(stage_one, SMOKE))["stages"]["1"]
-    assert record["runtime"] == {"precision": "float32", "device": "CPU", "jit": False}
+    assert record["runtime"] == {"precision": "float32", "device": "CPU", "jit": False, "devices": 1}
