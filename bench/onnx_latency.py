@@ -5,8 +5,9 @@
 
 The model is exported by kit.export (and checked there to 1e-4), then each runtime answers the
 same real photos through kit's Predictor: one view and TTA 10. Prints p50/p95 per photo and the
-ratio Keras / ONNX Runtime, and what Grad-CAM (kit.cam, the demo's heat map) adds on the Keras model. The installed size of each serving environment is measured apart (see
-the README): it needs clean virtual environments, not this process.
+ratio Keras / ONNX Runtime, and what Grad-CAM (kit.cam, the demo's heat map) adds on the Keras
+model. The installed size of each serving environment is measured apart (see the README): it needs
+clean virtual environments, not this process.
 """
 
 from __future__ import annotations
@@ -100,8 +101,9 @@ def main() -> None:
         k50, k95, o50, o95 = (float(np.percentile(s, q)) for s in (keras_s, onnx_s) for q in (50, 95))
         print(f"| {views} | {k50:.3f} | {k95:.3f} | {o50:.3f} | {o95:.3f} | {k50 / o50:.2f}x | {diff:.1e} |")
     single = float(np.percentile(rows[0][1], 50))
-    print(f"\nGrad-CAM of one photo (Keras): p50 {np.percentile(cam_s, 50):.3f} s, p95 {np.percentile(cam_s, 95):.3f} s "
-          f"= {np.percentile(cam_s, 50) / single:.2f}x the Keras single-view prediction")
+    cam50, cam95 = (float(np.percentile(cam_s, q)) for q in (50, 95))
+    print(f"\nGrad-CAM of one photo (Keras): p50 {cam50:.3f} s, p95 {cam95:.3f} s = {cam50 / single:.2f}x the Keras "
+          "single-view prediction")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ CPU_CONFIGS = ("tensorflow/auto/1/float32", "tensorflow/off/1/float32", "jax/aut
 def child(config: dict) -> dict:
     """One configuration, in this process: build, warm up, then time both feeds."""
     sys.path.insert(0, str(ROOT))
-    from kit.devices import Parallel, request_cpu_devices
+    from kit.devices import Parallel, jit_compile, request_cpu_devices
 
     request_cpu_devices(config["devices"])
     import keras
@@ -53,8 +53,7 @@ def child(config: dict) -> dict:
         model = build_model(config["backbone"], size, classes, "none", PROFILES["colab"].head)
         set_trainable(model, 1.0)
         parallel.prepare(model)
-        model.compile(keras.optimizers.Adam(1e-4), "categorical_crossentropy",
-                      jit_compile={"auto": "auto", "on": True, "off": False}[config["jit"]])
+        model.compile(keras.optimizers.Adam(1e-4), "categorical_crossentropy", jit_compile=jit_compile(config["jit"]))
         parallel.build_compiled(model, classes)
 
     workdir = Workdir(Path(tempfile.mkdtemp()))
@@ -72,10 +71,14 @@ def child(config: dict) -> dict:
     x, y = batches.batch(0, 0)
     for _ in range(config["warmup"]):  # compilation, and the allocator settling
         step(x, y)
-    on_device = keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(eye[y])
+    # On one device the batch is a backend tensor already; several take numpy shares (the split slices them).
+    on_device = (keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(eye[y])) if parallel.count == 1 else None
     started = time.perf_counter()
     for _ in range(config["steps"]):
-        model.train_on_batch(*parallel.split(*on_device)) if parallel.count == 1 else step(x, y)
+        if on_device is None:
+            step(x, y)
+        else:
+            model.train_on_batch(*on_device)
     memory_rate = config["steps"] * batch / (time.perf_counter() - started)
     started, done = time.perf_counter(), 0
     for x, y in batches.epoch(1):
@@ -135,14 +138,12 @@ def main() -> None:
         config = parse(spec, args)
         env = {**os.environ, "KERAS_BACKEND": config["backend"], "TF_CPP_MIN_LOG_LEVEL": "3",
                "NO_ALBUMENTATIONS_UPDATE": "1"}
-        started = time.perf_counter()
         done = subprocess.run([sys.executable, __file__, "--child", json.dumps(config)], env=env,
                               capture_output=True, text=True)
         result = next((json.loads(line[7:]) for line in done.stdout.splitlines() if line.startswith("RESULT ")), None)
         if result is None:
             print(f"{spec}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
             continue
-        result["process_s"] = time.perf_counter() - started
         rows.append(result)
         print(f"{spec}: {result['memory_images_s']:.1f} images/s in memory, {result['pipeline_images_s']:.1f} "
               "through the pipeline", flush=True)

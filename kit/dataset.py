@@ -219,10 +219,10 @@ def read_pseudo_labels(path: Path, workdir: Workdir) -> pd.DataFrame:
                          "subset": "pseudo", "path": rows.path.to_numpy()})
 
 
-def class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
-    """'Balanced' weights n / (classes * count), so every class pulls equally on the loss."""
+def class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """'Balanced' weights n / (classes * count), one per class, so every class pulls equally on the loss."""
     counts = np.bincount(labels, minlength=num_classes)
-    return {k: float(len(labels) / (num_classes * n)) if n else 0.0 for k, n in enumerate(counts)}
+    return np.array([len(labels) / (num_classes * n) if n else 0.0 for n in counts], np.float32)
 
 
 def drop_unreadable(frame: pd.DataFrame, unreadable: dict[str, str], what: str) -> pd.DataFrame:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -51,6 +51,11 @@ def request_determinism() -> None:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_gpu_deterministic_ops=true".strip()
 
 
+def jit_compile(setting: str) -> str | bool:
+    """--jit auto|on|off as Keras' `compile(jit_compile=...)` takes it."""
+    return {"auto": "auto", "on": True, "off": False}[setting]
+
+
 def device_names() -> list[str]:
     """This process's devices for training: every accelerator, or else every (logical) CPU device."""
     import keras
@@ -87,26 +92,24 @@ class Parallel:
     """The devices one stage trains on: build the model inside `scope()`, pass batches through `split`."""
 
     count: int = 1
-    names: list[str] = field(default_factory=lambda: ["cpu:0"])
-    _strategy: object = None
+    _strategy: object = None  # tf.distribute.MirroredStrategy on TensorFlow with several devices
 
     @classmethod
     def over(cls, count: int) -> "Parallel":
         """Data parallel over the first `count` devices (one device: nothing distributed at all)."""
         import keras
 
-        names = device_names()[:count]
         if count <= 1:
-            return cls(1, names[:1])
+            return cls(1)
         if keras.backend.backend() == "tensorflow":
             import tensorflow as tf
 
-            return cls(count, names, tf.distribute.MirroredStrategy(names))
+            return cls(count, tf.distribute.MirroredStrategy(device_names()[:count]))
         if keras.backend.backend() == "jax":
             import jax
 
             keras.distribution.set_distribution(keras.distribution.DataParallel(devices=jax.devices()[:count]))
-            return cls(count, names)
+            return cls(count)
         from kit.cli import KitError
 
         raise KitError("Several devices need Keras' TensorFlow or JAX backend; use --devices 1 with this one.")

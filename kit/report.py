@@ -5,8 +5,9 @@
 
 Writes submissions/report/: summary.txt, metrics.json, confusion_matrix.png (validation, with TTA),
 confusion_matrix_test.png (the test set, when there is one), top_losses.png (the validation photos
-the model got most wrong, with Grad-CAM's heat map of where it looked), curves.png (every stage's accuracy and loss side by side), and
-validation_probabilities.csv (test_probabilities.csv) for kit.ensemble. Metrics come from scikit-learn.
+the model got most wrong, with Grad-CAM's heat map of where it looked), curves.png (every stage's
+accuracy and loss side by side), and validation_probabilities.csv (test_probabilities.csv) for
+kit.ensemble. Metrics come from scikit-learn.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ from kit.backbones import build_model, set_trainable
 from kit.cli import KitError
 from kit.config import FINAL_FIT_STEP, Stage, Workdir
 from kit.dataset import Split, class_weights, drop_unreadable, load_split
-from kit.devices import Parallel, choose_precision, describe_device
+from kit.devices import Parallel, choose_precision, describe_device, jit_compile
 from kit.files import atomic_path, write_text
 from kit.pipeline import Batches, CacheIncomplete, cache_is_complete, default_cache_root, open_training_cache
 from kit.plots import plot_curves
@@ -390,10 +390,7 @@ def prepare_data(workdir: Workdir, plan: StagePlan, config: RunConfig, execution
     if len(train_batches) == 0:
         raise KitError(f"Stage {stage.step} has {len(train)} training images, fewer than one batch of "
                        f"{stage.batch_size}: lower --batch-size (with --restart) or add data.")
-    weights = None
-    if plan.class_weights:
-        weights = np.array([w for _, w in sorted(class_weights(train.Category.to_numpy(),
-                                                               len(config.classes)).items())], np.float32)
+    weights = class_weights(train.Category.to_numpy(), len(config.classes)) if plan.class_weights else None
     mix = recipe.BatchMixer(plan.options, len(config.classes), config.seed, stage.step)
     return StageData(train_batches, val_batches, weights, mix, len(train), len(val))
 
@@ -423,7 +420,7 @@ def prepare_model(workdir: Workdir, plan: StagePlan, config: RunConfig, executio
         parallel.prepare(model)
         model.compile(optimizer=recipe.optimizer(stage, plan.options, len(data.train)),
                       loss=recipe.loss(plan.options), metrics=["categorical_accuracy"],
-                      jit_compile={"auto": "auto", "on": True, "off": False}[execution.jit])
+                      jit_compile=jit_compile(execution.jit))
         model.optimizer.build(model.trainable_variables)
         parallel.build_compiled(model, len(config.classes))
     runtime = {"precision": precision, "device": describe_device(), "jit": bool(model.jit_compile),
@@ -436,11 +433,10 @@ def prepare_model(workdir: Workdir, plan: StagePlan, config: RunConfig, executio
             checkpoint.assign_model(model, arrays, path)
             notes = checkpoint.assign_optimizer(model.optimizer, arrays, path)
             print(f"Stage {stage.step}: resuming from {path.name} at epoch {state.epoch + 1}, step {state.step}")
-            if state.runtime and {k: state.runtime.get(k, 1 if k == "devices" else None) for k in RUNTIME_KEYS} != {
-                    k: runtime[k] for k in RUNTIME_KEYS}:
-                before = _on(state.runtime["precision"], state.runtime["device"], state.runtime.get("devices", 1))
-                print(f"note: this stage ran under {before} and continues under "
-                      f"{_on(precision, runtime['device'], parallel.count)}; Adam's state is kept"
+            before = {"devices": 1, **state.runtime}  # checkpoints from before --devices ran on one
+            if state.runtime and any(before[k] != runtime[k] for k in RUNTIME_KEYS):
+                print(f"note: this stage ran under {_on(before)} and continues under {_on(runtime)}; Adam's state "
+                      "is kept"
                       + "".join(f", {n}" for n in notes) + ". The batches and learning rate are the same, so "
                       "training continues correctly, but not bit for bit.")
         else:
@@ -463,8 +459,10 @@ def prepare_model(workdir: Workdir, plan: StagePlan, config: RunConfig, executio
 RUNTIME_KEYS = ("precision", "device", "devices")  # a change of any of these makes a resume not bit for bit
 
 
-def _on(precision: str, device: str, devices: int) -> str:
-    return f"{precision} on {device}" + (f" x {devices} (data parallel)" if devices > 1 else "")
+def _on(runtime: dict) -> str:
+    """A stage record's runtime in words: 'float32 on CPU x 2 (data parallel)'."""
+    devices = runtime["devices"]
+    return f"{runtime['precision']} on {runtime['device']}" + (f" x {devices} (data parallel)" if devices > 1 else "")
 
 
 def _set_learning_rate(model: keras.Model, plan: StagePlan, state: LoopState) -> None:
