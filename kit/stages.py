@@ -33,7 +33,7 @@ from kit.backbones import build_model, set_trainable
 from kit.cli import KitError
 from kit.config import FINAL_FIT_STEP, Stage, Workdir
 from kit.dataset import Split, class_weights, drop_unreadable, load_split
-from kit.devices import Parallel, choose_precision, describe_device, jit_compile
+from kit.devices import Parallel, cache_compilations, choose_precision, describe_device, jit_compile
 from kit.files import atomic_path, write_text
 from kit.pipeline import Batches, CacheIncomplete, cache_is_complete, default_cache_root, open_training_cache
 from kit.plots import plot_curves
@@ -296,7 +296,7 @@ def run_stage(workdir: Workdir, plan: StagePlan, config: RunConfig, execution: E
         print(f"Stage {stage.step}{_final_fit_note(plan)}: {config.backbone} at {stage.image_size} px, batch "
               f"{stage.batch_size}, lr {state.lr:.2g}, {stage.describe_trainable()}, {state.runtime['precision']}"
               f"{' with XLA' if state.runtime['jit'] else ''} on {state.runtime['device']}"
-              f"{', ' + parallel.describe() if parallel.count > 1 else ''}"
+              f"{', ' + parallel.describe() if parallel.count > 1 else ''}, Keras on {state.runtime['backend']}"
               f"{', class-weighted loss' if plan.class_weights else ''}"
               f"{', ' + plan.options.describe() if plan.options.describe() else ''}, "
               f"{data.train_images} training / {data.val_images} validation images, {len(data.train)} steps per "
@@ -409,6 +409,7 @@ def prepare_model(workdir: Workdir, plan: StagePlan, config: RunConfig, executio
         import tensorflow as tf
 
         tf.config.experimental.enable_op_determinism()
+    cache_compilations(execution.cache_dir or default_cache_root(workdir.cache))
     precision = choose_precision(execution.precision)
     keras.mixed_precision.set_global_policy(precision)
     parallel = Parallel.over(execution.devices)
@@ -424,7 +425,7 @@ def prepare_model(workdir: Workdir, plan: StagePlan, config: RunConfig, executio
         model.optimizer.build(model.trainable_variables)
         parallel.build_compiled(model, len(config.classes))
     runtime = {"precision": precision, "device": describe_device(), "jit": bool(model.jit_compile),
-               "devices": parallel.count}
+               "devices": parallel.count, "backend": keras.backend.backend()}
 
     try:
         if previous:
@@ -433,7 +434,8 @@ def prepare_model(workdir: Workdir, plan: StagePlan, config: RunConfig, executio
             checkpoint.assign_model(model, arrays, path)
             notes = checkpoint.assign_optimizer(model.optimizer, arrays, path)
             print(f"Stage {stage.step}: resuming from {path.name} at epoch {state.epoch + 1}, step {state.step}")
-            before = {"devices": 1, **state.runtime}  # checkpoints from before --devices ran on one
+            # Records older than --devices ran on one device; older than the backend field, on this backend.
+            before = {"devices": 1, "backend": runtime["backend"], **state.runtime}
             if state.runtime and any(before[k] != runtime[k] for k in RUNTIME_KEYS):
                 print(f"note: this stage ran under {_on(before)} and continues under {_on(runtime)}; Adam's state "
                       "is kept"
@@ -456,13 +458,14 @@ def prepare_model(workdir: Workdir, plan: StagePlan, config: RunConfig, executio
     return model, state, parallel
 
 
-RUNTIME_KEYS = ("precision", "device", "devices")  # a change of any of these makes a resume not bit for bit
+RUNTIME_KEYS = ("precision", "device", "devices", "backend")  # a change of any makes a resume not bit for bit
 
 
 def _on(runtime: dict) -> str:
-    """A stage record's runtime in words: 'float32 on CPU x 2 (data parallel)'."""
+    """A stage record's runtime in words: 'float32 on CPU x 2 (data parallel), Keras on jax'."""
     devices = runtime["devices"]
-    return f"{runtime['precision']} on {runtime['device']}" + (f" x {devices} (data parallel)" if devices > 1 else "")
+    return (f"{runtime['precision']} on {runtime['device']}" + (f" x {devices} (data parallel)" if devices > 1 else "")
+            + f", Keras on {runtime['backend']}")
 
 
 def _set_learning_rate(model: keras.Model, plan: StagePlan, state: LoopState) -> None:

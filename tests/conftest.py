@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import socket
 import subprocess
@@ -39,13 +40,41 @@ def run_kit(*args: str, env: dict | None = None, timeout: float = 600,
                           timeout=timeout, cwd=cwd or ROOT)
 
 
+# The shared smoke run trains on JAX where it is installed (CI installs it): the demo, prediction and export
+# tests then read its weights in this TensorFlow process, so every one of them also checks that checkpoints
+# do not depend on the backend. The TensorFlow smoke run, as a new user runs it, is test_session's.
+SMOKE_BACKEND = "jax" if importlib.util.find_spec("jax") else "tensorflow"
+
+
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory) -> Path:
     """One full `python -m kit --smoke` (all seven stages and prediction); returns its work directory."""
     root = tmp_path_factory.mktemp("smoke")
-    result = run_kit("kit", "--smoke", "--workdir", str(root), "--deterministic")
+    result = run_kit("kit", "--smoke", "--workdir", str(root), "--deterministic", env={"KERAS_BACKEND": SMOKE_BACKEND})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return root / "smoke"
+
+
+# Stage runs of the resume tests: two short epochs of batch 8 on the smoke profile's synthetic pictures.
+STAGE_ARGS = ["--profile", "smoke", "--epochs", "2", "--batch-size", "8", "--deterministic", "--workers", "2"]
+
+
+def smoke_workdir(root: Path):
+    from kit.config import PROFILES, Workdir
+
+    workdir = Workdir.resolve(root, PROFILES["smoke"])
+    small_synthetic(workdir.root, per_class=12, test=4, size=(96, 72))
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def stage_one(tmp_path_factory) -> Path:
+    """A work directory whose stage 1 is done (TensorFlow): the starting point of the resume tests."""
+    root = tmp_path_factory.mktemp("stage1")
+    smoke_workdir(root)
+    result = run_kit("kit.stage", "--step", "1", "--workdir", str(root), *STAGE_ARGS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root
 
 
 @contextlib.contextmanager

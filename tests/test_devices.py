@@ -41,27 +41,23 @@ def test_two_devices_train_the_same_weights_as_one(tmp_path, backend):
 
 
 @JAX
-def test_a_stage_on_two_devices_resumes_exactly_and_moves_to_one(tmp_path):
+def test_a_stage_on_two_devices_resumes_exactly_and_moves_to_one(stage_one, tmp_path):
     """On JAX, SIGKILL mid-epoch on 2 devices: resumed on 2, the same weights as uninterrupted; on 1, a note.
 
     (TensorFlow's data parallel shares this loop; its split and reduction are checked by the test above,
     and its single-device exact resume by test_stages.)
     """
-    from test_stages import best_arrays, kill, log_rows, smoke_workdir, stage_command, start, wait_for
+    from test_stages import best_arrays, kill, log_rows, stage_command, start, wait_for
 
     args = ["--profile", "smoke", "--epochs", "1", "--batch-size", "8", "--deterministic", "--devices", "2"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), **on("jax")}
-    base = tmp_path / "base"
-    smoke_workdir(base)
-    first = run_kit("kit.stage", "--step", "1", "--workdir", str(base), *args, env=on("jax"))
-    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
-    assert "2 devices (data parallel)" in first.stdout
     reference, interrupted, moved = tmp_path / "reference", tmp_path / "interrupted", tmp_path / "moved"
-    shutil.copytree(base, reference)
-    shutil.copytree(base, interrupted)
+    shutil.copytree(stage_one, reference)  # stage 1 done on TensorFlow, one device
+    shutil.copytree(stage_one, interrupted)
 
     done = subprocess.run(stage_command(reference, "--step", "2", args=args), capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 devices (data parallel), Keras on jax" in done.stdout
     folder = Workdir.resolve(interrupted, PROFILES["smoke"]).stage_dir(2)
     process = start(stage_command(interrupted, "--step", "2", "--save-every", "4", args=args), env=env)
     wait_for(lambda: (folder / checkpoint.checkpoint_name(0, 4)).exists(), process)
@@ -80,7 +76,8 @@ def test_a_stage_on_two_devices_resumes_exactly_and_moves_to_one(tmp_path):
     moved_on = subprocess.run(stage_command(moved, "--step", "2", "--resume", args=one_device), capture_output=True,
                               text=True, env=env)
     assert moved_on.returncode == 0, moved_on.stderr[-3000:]
-    assert "(data parallel) and continues under float32 on CPU" in " ".join(moved_on.stdout.split())
+    assert ("x 2 (data parallel), Keras on jax and continues under float32 on CPU, Keras on jax"
+            in " ".join(moved_on.stdout.split()))
     assert stage_status(Workdir.resolve(moved, PROFILES["smoke"]), 2) == "done"
 
 
@@ -92,7 +89,7 @@ def test_a_bad_devices_value_is_refused_in_one_paragraph(tmp_path, value):
 
 
 def test_a_batch_the_devices_cannot_share_evenly_is_refused(tmp_path):
-    from test_stages import smoke_workdir
+    from conftest import smoke_workdir
 
     smoke_workdir(tmp_path)
     result = run_kit("kit.stage", "--step", "1", "--workdir", str(tmp_path), "--profile", "smoke", "--batch-size", "7",

@@ -85,9 +85,16 @@ def test_predict_a_folder_of_photos(stanford, tmp_path):
     assert table.loc[table.path == "broken.jpg", "class"].item() == ""
 
 
-def test_predict_writes_the_test_folders_predictions_and_the_validation_probabilities(stanford):
+@pytest.fixture(scope="module")
+def predicted(stanford):
+    """`kit.predict --tta 0` on the run: its output; the test folder's predictions.csv is then in the run."""
     result = run_kit(*smoke(stanford, "kit.predict", "--tta", "0"))
     assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
+def test_predict_writes_the_test_folders_predictions_and_the_validation_probabilities(stanford, predicted):
+    result = predicted
     table = pd.read_csv(stanford / "smoke" / "submissions" / "predictions.csv")
     assert len(table) == 173 and table.Id.str.startswith("test/").all()
     validation = pd.read_csv(stanford / "smoke" / "submissions" / "report" / "validation_probabilities.csv")
@@ -106,8 +113,7 @@ def test_demo_names_the_datasets_classes(stanford):
         assert "one of 5 models (jazz, mazda, mini cooper, outlander, yaris)" in page
 
 
-def test_pseudo_labels_from_a_run_train_a_new_one(stanford, tmp_path):
-    assert run_kit(*smoke(stanford, "kit.predict", "--tta", "0")).returncode == 0
+def test_pseudo_labels_from_a_run_train_a_new_one(stanford, predicted, tmp_path):
     labels = tmp_path / "pseudo.csv"
     result = run_kit("kit.pseudo", "--from", str(stanford / "smoke"), "--threshold", "0.5", "--out", str(labels))
     assert result.returncode == 0, result.stderr[-2000:]
