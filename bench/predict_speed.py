@@ -110,7 +110,8 @@ def main() -> None:
     base = rows[0]
     print(f"\n{args.backbone} at {args.size} px, TTA {args.tta}, {args.images} synthetic test photos, "
           f"{args.workers} workers, on {base['device_name']} ({os.cpu_count()} cores, {platform.machine()}), "
-          f"backend {os.environ.get('KERAS_BACKEND', 'tensorflow')}, {time.strftime('%Y-%m-%d')}; baseline: the first row")
+          f"backend {os.environ.get('KERAS_BACKEND', 'tensorflow')}, {time.strftime('%Y-%m-%d')}; "
+          "baseline: the first row")
     print("| precision | views per forward | images/s | views/s | ceiling images/s | kit / ceiling | set-up s "
           f"| {TEST_IMAGES:,} test images | vs baseline |")
     print("|---|---|---|---|---|---|---|---|---|")

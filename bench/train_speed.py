@@ -166,8 +166,8 @@ def run_child(config: dict, timeout: float) -> dict | None:
     env = {**os.environ, "KERAS_BACKEND": config["backend"], "TF_CPP_MIN_LOG_LEVEL": "3",
            "NO_ALBUMENTATIONS_UPDATE": "1"}
     try:
-        done = subprocess.run([sys.executable, __file__, "--child", json.dumps(config), "--timeout", str(timeout)], env=env,
-                              capture_output=True, text=True, timeout=timeout)
+        command = [sys.executable, __file__, "--child", json.dumps(config), "--timeout", str(timeout)]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as stopped:  # the child's stack, dumped just before, says where it was
         print(f"{describe(config)}: gave up after {timeout:.0f} s\n{(stopped.stderr or '')[-3000:]}", file=sys.stderr)
         return None

@@ -21,6 +21,7 @@ from kit.cli import KitError
 from kit.config import PROFILES, Workdir, override_stage, stage_of
 from kit.run import Budget, Execution, Requested, StagePlan, run_config
 from kit.download import read_description
+from kit.stage import main as stage_main  # in-process, for refusals and --status: no new process to start
 from kit.stages import read_manifest, run_all, run_stage, stage_status, status_table
 
 SMOKE = PROFILES["smoke"]
@@ -178,11 +179,12 @@ def test_all_resumes_an_overridden_stage_with_its_class_weights(tmp_path):
     assert [stage_status(workdir, s) for s in range(1, 8)] == ["done"] * 7
 
 
-def test_run_settings_are_fixed_when_the_run_starts(stage_one):
-    result = run_kit("kit.stage", "--step", "2", "--workdir", str(stage_one), "--profile", "smoke", "--seed", "7",
-                     "--weights", "none")
-    message = " ".join(result.stderr.split())
-    assert result.returncode == 2 and "Traceback" not in result.stderr
+def test_run_settings_are_fixed_when_the_run_starts(stage_one, capsys):
+    code = stage_main(["--step", "2", "--workdir", str(stage_one), "--profile", "smoke", "--seed", "7",
+                       "--weights", "none"])
+    error = capsys.readouterr().err
+    message = " ".join(error.split())
+    assert code == 2 and "Traceback" not in error
     assert "--seed 7 (this run: 42)" in message and "--weights" not in message.split("other settings")[1]
 
 
@@ -342,10 +344,9 @@ def test_kaggle_style_resume_from_a_read_only_copy(stage_one, tmp_path):
     assert missing.returncode == 2 and "holds no run of the kit" in " ".join(missing.stderr.split())
 
 
-def test_status_command(stage_one):
-    result = run_kit("kit.stage", "--status", "--profile", "smoke", "--workdir", str(stage_one))
-    assert result.returncode == 0
-    lines = result.stdout.splitlines()
+def test_status_command(stage_one, capsys):
+    assert stage_main(["--status", "--profile", "smoke", "--workdir", str(stage_one)]) == 0
+    lines = capsys.readouterr().out.splitlines()
     assert lines[0] == f"smoke profile in {Workdir.resolve(stage_one, SMOKE).root}"
     assert lines[2].split()[4] == "done" and "not started" in lines[3]
 
@@ -395,9 +396,9 @@ def test_final_fit_replays_the_last_stage_on_training_and_validation_images(smok
     assert again.returncode == 2 and "--final-fit --restart" in " ".join(again.stderr.split())
 
 
-def test_final_fit_needs_the_last_stage_and_takes_no_new_settings(stage_one):
-    refused = run_kit("kit.stage", "--final-fit", "--workdir", str(stage_one), "--profile", "smoke")
-    assert refused.returncode == 2 and "stage 7 must be done first" in " ".join(refused.stderr.split())
+def test_final_fit_needs_the_last_stage_and_takes_no_new_settings(stage_one, capsys):
+    code = stage_main(["--final-fit", "--workdir", str(stage_one), "--profile", "smoke"])
+    assert code == 2 and "stage 7 must be done first" in " ".join(capsys.readouterr().err.split())
 
 
 def test_the_stage_record_says_how_it_ran(stage_one):
