@@ -47,8 +47,8 @@ def cache_compilations(cache_root: Path) -> None:
     On an H100 XLA took 120-131 s to compile and autotune EfficientNetB6's training step, and every
     stage start and every resume paid it again; on this CPU a cached B0 step starts in 6.5 s
     instead of 23. JAX keys each entry by the program, the device kind, its own version and the
-    XLA flags, so another GPU compiles afresh beside the old entries. TensorFlow runs the kit's
-    model without XLA unless --jit on, and keeps no such cache.
+    XLA flags, so another GPU compiles afresh beside the old entries. Nothing is set up for
+    TensorFlow: its XLA cache was not measured here (no TensorFlow on the GPU machine).
     """
     import keras
 

@@ -4,6 +4,7 @@
     python -m kit.predict --tta 0          # one plain view per image
     python -m kit.predict --stage 4        # or --weights PATH
     python -m kit.predict --folder DIR     # every photo under DIR -> submissions/predictions.csv
+    python -m kit.predict --views-per-batch 120   # a big GPU: more views per forward pass
 
 For a competition: submissions/submission.csv in the sample submission's order and header, and
 submissions/probabilities.csv (Id and one column per class, named after it) for ensembling.
