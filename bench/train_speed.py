@@ -49,7 +49,7 @@ TRAIN_IMAGES, VAL_IMAGES = 12_452, 3_109
 
 def child(config: dict) -> dict:
     """One configuration, in this process: build, warm up, then time both feeds and validation."""
-    from kit.devices import Parallel, jit_compile, request_cpu_devices
+    from kit.devices import Parallel, describe_device, jit_compile, request_cpu_devices
 
     request_cpu_devices(config["devices"])
     import keras
@@ -121,13 +121,7 @@ def child(config: dict) -> dict:
     val_rate = steps * 2 * batch / (time.perf_counter() - started)
     return {**config, "memory_images_s": memory_rate, "pipeline_images_s": pipeline_rate, "steps_timed": done,
             "val_images_s": val_rate, "setup_s": train_setup + val_setup, "jit_used": bool(model.jit_compile),
-            "peak_memory_mb": peak_memory_mb(), "device": parallel.describe(), "device_name": device_name()}
-
-
-def device_name() -> str:
-    from kit.devices import describe_device
-
-    return describe_device()
+            "peak_memory_mb": peak_memory_mb(), "device": parallel.describe(), "device_name": describe_device()}
 
 
 def peak_memory_mb() -> float:

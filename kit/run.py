@@ -25,6 +25,7 @@ from pathlib import Path
 from kit.cli import PROCESS_START, KitError, session_start
 from kit.config import (COMPETITION_CLASSES, FINAL_FIT_STEP, Head, Profile, Stage, TrainingOptions, Workdir,
                         override_stage, stage_of)
+from kit.pipeline import default_cache_root
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,10 @@ class Execution:
     deterministic: bool = False
     workers: int = 2
     cache_dir: Path | None = None
+
+    def cache_root(self, workdir: Workdir) -> Path:
+        """Where the image caches (and JAX's compiled programs) go: --cache-dir, $KIT_CACHE_DIR or <workdir>/cache."""
+        return self.cache_dir or default_cache_root(workdir.cache)
 
 
 # ---- resolving a command line against the saved records ---------------------------------------

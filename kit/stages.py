@@ -35,7 +35,7 @@ from kit.config import FINAL_FIT_STEP, Stage, Workdir
 from kit.dataset import Split, class_weights, drop_unreadable, load_split
 from kit.devices import Parallel, cache_compilations, choose_precision, describe_device, jit_compile
 from kit.files import atomic_path, write_text
-from kit.pipeline import Batches, CacheIncomplete, cache_is_complete, default_cache_root, open_training_cache
+from kit.pipeline import Batches, CacheIncomplete, cache_is_complete, open_training_cache
 from kit.plots import plot_curves
 from kit.run import Execution, RunConfig, StagePlan
 
@@ -230,7 +230,7 @@ def start_cost(workdir: Workdir, stage: Stage, costs: dict, images: int, executi
         ratio = (stage.image_size / int(size)) ** 2
         known = {k: v * ratio for k, v in by_size[size].items()}
     known = known or {}
-    cache_root = execution.cache_dir or default_cache_root(workdir.cache)
+    cache_root = execution.cache_root(workdir)
     cache = 0.0 if cache_is_complete(cache_root, "train", stage.image_size) else images * costs.get("cache_image_s", 0)
     step = known.get("step_per_image", 0.0) * stage.batch_size
     steps_per_epoch = stage.steps_per_epoch or images // stage.batch_size
@@ -368,7 +368,7 @@ def prepare_data(workdir: Workdir, plan: StagePlan, config: RunConfig, execution
     """
     stage = plan.stage
     split = run_split(workdir, config)
-    cache_root = execution.cache_dir or default_cache_root(workdir.cache)
+    cache_root = execution.cache_root(workdir)
     images = len(split.train) + len(split.val)
     started = time.time()
     was_complete = cache_is_complete(cache_root, "train", stage.image_size)
@@ -409,7 +409,7 @@ def prepare_model(workdir: Workdir, plan: StagePlan, config: RunConfig, executio
         import tensorflow as tf
 
         tf.config.experimental.enable_op_determinism()
-    cache_compilations(execution.cache_dir or default_cache_root(workdir.cache))
+    cache_compilations(execution.cache_root(workdir))
     precision = choose_precision(execution.precision)
     keras.mixed_precision.set_global_policy(precision)
     parallel = Parallel.over(execution.devices)

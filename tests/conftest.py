@@ -55,11 +55,13 @@ def smoke_run(tmp_path_factory) -> Path:
     return root / "smoke"
 
 
-# Stage runs of the resume tests: two short epochs of batch 8 on the smoke profile's synthetic pictures.
+# Stage runs of the resume tests: the smoke table's stages made long enough to be killed twice, 2 epochs of
+# 12 batches of 8 on the smoke profile's synthetic pictures.
 STAGE_ARGS = ["--profile", "smoke", "--epochs", "2", "--batch-size", "8", "--deterministic", "--workers", "2"]
 
 
 def smoke_workdir(root: Path):
+    """The smoke profile's work directory under `root`, with 12 synthetic pictures per class."""
     from kit.config import PROFILES, Workdir
 
     workdir = Workdir.resolve(root, PROFILES["smoke"])

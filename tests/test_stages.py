@@ -25,7 +25,6 @@ from kit.stage import main as stage_main  # in-process, for refusals and --statu
 from kit.stages import read_manifest, run_all, run_stage, stage_status, status_table
 
 SMOKE = PROFILES["smoke"]
-# Stage 2 of the smoke table, made long enough to be killed twice: 2 epochs of 12 batches of 8.
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
