@@ -1,19 +1,21 @@
 """Test accuracy on real photos, averaged over seeds: the recipe against training options, in one process run.
 
-    python bench/real_cars.py                         # stanford5, smoke profile, seeds 1 2 3, the recipe
+    python bench/real_cars.py                         # stanford5, cpu profile (Lite0, ImageNet), seeds 1 2 3
     python bench/real_cars.py --seeds 1 2 3 4 5
     python bench/real_cars.py --train-args "--class-weights"   # any kit.stage flags, for a comparison
     python bench/real_cars.py --folds 5               # the 5 folds of one seed instead of several seeds
     python bench/real_cars.py --variants recipe "ls=--label-smoothing 0.1" "ema=--ema 0.9" "final=+final-fit"
+    python bench/real_cars.py --profile smoke         # the tiny CNN from scratch, for comparison
 
 Each run is a full user run in its own work directory and processes: kit.download --from-dir,
 kit.stage --all --seed S (--fold K/N), kit.report (validation, and the dataset's labelled test
-folder), kit.predict. It prints one row per run, the mean +- standard deviation and the ratio
-to chance, then the test accuracy of kit.ensemble over all the runs.
+folder), kit.predict. It prints the baseline first (bench/linear_probe.py: logistic regression on
+the pretrained backbone's features, in the same process run), one row per run, the mean +-
+standard deviation and the ratio to chance, then the test accuracy of kit.ensemble over the runs.
 
 With --variants, every variant (NAME=kit.stage flags; "recipe" alone means no flags) trains on
 the same seeds, and a last table compares each with the first: mean test accuracy, the difference
-and its standard error over the seeds. Two extra steps are variants too: "+final-fit" adds
+and its standard error over the seeds, and the ensemble of each variant's seeds. Two extra steps are variants too: "+final-fit" adds
 kit.stage --final-fit after the stages, and "+pseudo=P" trains the recipe, labels the test photos
 predicted with probability >= P (kit.pseudo), and trains a second run with them.
 """
@@ -34,6 +36,8 @@ import time
 from pathlib import Path
 
 import pandas as pd
+
+from linear_probe import linear_probe
 
 ROOT = Path(__file__).resolve().parents[1]
 STANFORD5 = ROOT.parent / "shared" / "real-cars" / "stanford5"
@@ -85,7 +89,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=STANFORD5, help="a class-folder dataset with a labelled test/")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--profile", default="smoke")
+    parser.add_argument("--profile", default="cpu")
     parser.add_argument("--tta", type=int, default=10)
     parser.add_argument("--train-args", default="", help="extra kit.stage flags, quoted")
     parser.add_argument("--folds", type=int, help="train the N folds of the first seed instead of the seeds")
@@ -99,6 +103,7 @@ def main() -> None:
         raise SystemExit(f"{args.data} is not there; see ../shared/real-cars/README.md")
     print(f"{args.data.name}, {args.profile} profile, TTA {args.tta}, extra flags: {args.train_args or 'none'}")
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}")
+    print_probe(args.data)
     runs = ([(args.seeds[0], f"{k}/{args.folds}") for k in range(1, args.folds + 1)] if args.folds
             else [(seed, "") for seed in args.seeds])
     print(f"{'run':>4}  {'val acc':>7}  {'test acc':>8}  {'test TTA':>8}  {'train s':>7}")
@@ -128,6 +133,7 @@ def compare(args: argparse.Namespace) -> None:
     """Each variant on every seed, then one table: test accuracy (TTA) and its difference to the first variant."""
     print(f"{args.data.name}, {args.profile} profile, TTA {args.tta}, seeds {' '.join(map(str, args.seeds))}")
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}")
+    probe = print_probe(args.data)
     scratch = Path(tempfile.mkdtemp(prefix="real-cars-"))
     results: dict[str, list[dict]] = {}
     for k, variant in enumerate(args.variants):
@@ -148,7 +154,21 @@ def compare(args: argparse.Namespace) -> None:
               f"{statistics.mean(test):.4f}+-{_sd(test):.4f} {statistics.mean(diffs):+.4f}+-{error:.4f} "
               f"{statistics.mean(r['train_s'] for r in rows):>7.0f}")
     print("(mean +- standard deviation over the seeds; 'vs first': mean paired difference +- its standard error)")
+    print(f"linear probe (baseline): {probe:.4f}")
+    if len(args.seeds) > 1:
+        for name, rows in results.items():
+            combined = ensemble_accuracy([r["workdir"] for r in rows], scratch / f"{name}-ensemble.csv")
+            print(f"ensemble of {name}'s {len(rows)} seeds, test, TTA {args.tta}: {combined:.4f} "
+                  f"(best single run {max(r['test_tta'] for r in rows):.4f})")
     shutil.rmtree(scratch)
+
+
+def print_probe(data: Path) -> float:
+    """The baseline row: a linear probe on Lite0's ImageNet features at 224 px, measured now."""
+    probe = linear_probe(data)
+    print(f"baseline: linear probe on efficientnet-lite0's ImageNet features, 224 px, {probe['train']} training "
+          f"photos: test {probe['test']:.4f} ({probe['seconds']:.0f} s)", flush=True)
+    return probe["test"]
 
 
 def _sd(values: list[float]) -> float:

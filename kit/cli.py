@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
+import shutil
+import signal
 import sys
 import textwrap
+import threading
 import time
+from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 # The budget counts from here: every command imports this module before TensorFlow, the data or the model.
@@ -52,22 +57,73 @@ def add_workdir(parser: argparse.ArgumentParser) -> None:
         "on Colab, a folder on Google Drive)",
     )
     parser.add_argument("--profile", choices=sorted(PROFILES), default="colab",
-                        help="colab: EfficientNetB6, the seven-stage recipe (default); smoke: tiny, synthetic, "
+                        help="colab: EfficientNetB6, the seven-stage recipe (default); modern: the recipe with AdamW; "
+                             "cpu: EfficientNet-Lite0 (ImageNet weights from pip), the stages sized for a CPU; "
+                             "smoke: tiny, synthetic, "
                              "minutes on a CPU, kept in <workdir>/smoke")
 
 
-def main_guard(main: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[str] | None], int]:
-    """KitError -> its message on stderr and exit code 2; a second Ctrl-C (no checkpoint) -> 1."""
+class Terminated(Exception):
+    """SIGTERM outside a training loop (which turns it into a checkpoint and a clean stop of its own)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
+def disk_message(error: OSError) -> str | None:
+    """A full or read-only disk, a file where a folder should be, and the reverse, in one paragraph; else None."""
+    where = Path(error.filename) if error.filename else None
+    if error.errno == errno.ENOSPC:
+        folder = where.parent if where else Path.cwd()
+        free = shutil.disk_usage(folder).free if folder.exists() else 0
+        return (f"The disk holding {folder} is full ({free / 1e6:.0f} MB free). The kit writes every file whole, so "
+                "the checkpoints and outputs already there are intact. Free space on that disk (or put the image "
+                "cache on another one with --cache-dir or $KIT_CACHE_DIR), then run the same command again.")
+    if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return (f"{where or 'The work directory'} cannot be written to ({error.strerror}): the work directory (and "
+                "the cache) must be writable. On Kaggle, /kaggle/input is read-only: copy the run out with 'python "
+                "-m kit.stage --copy-run-from /kaggle/input/NOTEBOOK/car-kit --workdir /kaggle/working/car-kit' and "
+                "continue there.")
+    if error.errno == errno.ENOTDIR:
+        return (f"{where} cannot be made: part of that path is a file, not a folder. Check --workdir (and "
+                "--cache-dir): they name folders.")
+    if error.errno == errno.EISDIR:
+        return f"{where} is a folder, where the kit writes a file: name a file there (e.g. --out results.csv)."
+    return None
+
+
+def main_guard(main: Callable[[Sequence[str] | None], int],
+               sigterm: bool = True) -> Callable[[Sequence[str] | None], int]:
+    """KitError and disk errors -> one paragraph on stderr and exit code 2; SIGTERM -> 3; a second Ctrl-C -> 1.
+
+    `sigterm=False` for a server, which SIGTERM is the normal way to stop.
+    """
 
     def guarded(argv: Sequence[str] | None = None) -> int:
+        in_main_thread = sigterm and threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
         try:
             return main(argv)
         except KitError as error:
             print(textwrap.fill(f"error: {error}", width=100), file=sys.stderr)
             return EXIT_USER_ERROR
+        except OSError as error:
+            message = disk_message(error)
+            if message is None:
+                raise
+            print(textwrap.fill(f"error: {message}", width=100), file=sys.stderr)
+            return EXIT_USER_ERROR
+        except Terminated:
+            print("stopped by SIGTERM before the command finished. The kit writes every file whole, so nothing it "
+                  "wrote is damaged: run the same command again.", file=sys.stderr)
+            return EXIT_STOPPED
         except KeyboardInterrupt:
             print("interrupted without a checkpoint", file=sys.stderr)
             return EXIT_FAILED
+        finally:
+            if in_main_thread:
+                signal.signal(signal.SIGTERM, previous)
 
     guarded.__doc__ = main.__doc__
     guarded.__wrapped__ = main

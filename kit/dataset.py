@@ -18,7 +18,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from kit.cli import KitError
 from kit.config import COMPETITION, SEED, VAL_FRACTION, Workdir
-from kit.download import INDEX, read_description, table_index
+from kit.download import INDEX, damaged_data, read_description, table_index
 from kit.files import write_text
 
 MAX_PIXELS = 40_000_000  # a 40-megapixel photo is already far more than any ad photo needs
@@ -89,9 +89,20 @@ def read_index(workdir: Workdir) -> pd.DataFrame:
     description = read_description(workdir)
     path = workdir.data / INDEX
     if path.is_file():
-        index = pd.read_csv(path, dtype={"Id": str, "subset": str, "path": str}, keep_default_na=False,
-                            na_values={"Category": [""]})
-        index["Category"] = index.Category.astype("Int64")
+        try:
+            index = pd.read_csv(path, dtype={"Id": str, "subset": str, "path": str}, keep_default_na=False,
+                                na_values={"Category": [""]})
+            missing = {"Id", "Category", "subset", "path"} - set(index.columns)
+            if missing:
+                raise ValueError(f"no column {', '.join(sorted(missing))}")
+            index["Category"] = index.Category.astype("Int64")
+        except (ValueError, TypeError, UnicodeDecodeError) as error:
+            raise damaged_data(workdir, path, error) from None
+        listed = (index.subset != "test").sum(), (index.subset == "test").sum()
+        if sum(description.class_counts) and listed != (sum(description.class_counts), description.test_images):
+            raise damaged_data(workdir, path, ValueError(
+                f"it lists {listed[0]} labelled and {listed[1]} test images, dataset.json counts "
+                f"{sum(description.class_counts)} and {description.test_images}"))
     else:  # verified by kit 0.2, before index.csv: this competition's tables say it all
         index = table_index(workdir.data, description.competition or COMPETITION)[0]
     index["path"] = [str(workdir.data / p) for p in index.path]
@@ -169,12 +180,7 @@ def load_split(workdir: Workdir, val_fraction: float = VAL_FRACTION, seed: int =
     if legacy.is_file() and not workdir.split_csv.is_file():
         write_text(workdir.split_csv, legacy.read_text())
     if workdir.split_csv.is_file():
-        saved = pd.read_csv(workdir.split_csv, dtype={"Id": str})
-        if set(saved.Id) != set(frame.Id):
-            raise KitError(f"The saved split {workdir.split_csv} does not match the images of {workdir.data} (the "
-                           f"data changed). If you really mean to start over, delete {workdir.weights} and train "
-                           "again.")
-        is_val = frame.Id.map(dict(zip(saved.Id, saved.fold == "val"))).to_numpy(bool)
+        is_val = saved_split(workdir, frame)
     else:
         if fold:
             is_val = fold_split(frame.Category.to_numpy(), fold, seed)
@@ -188,6 +194,32 @@ def load_split(workdir: Workdir, val_fraction: float = VAL_FRACTION, seed: int =
     if pseudo_labels is not None:
         train = pd.concat([train, read_pseudo_labels(pseudo_labels, workdir)])
     return Split(train.reset_index(drop=True), frame[is_val].reset_index(drop=True))
+
+
+def saved_split(workdir: Workdir, frame: pd.DataFrame) -> np.ndarray:
+    """The saved split's validation mask over `frame`; a damaged file and changed data are told apart.
+
+    The split is a function of the photos and the run's seed, so a damaged file is redone exactly
+    by deleting it; only photos the run never saw mean the data changed.
+    """
+    path = workdir.split_csv
+    redo = (f"The split is computed from the photos and the run's seed, so deleting {path} makes the kit write "
+            "the same one again; the run's weights are intact.")
+    try:
+        saved = pd.read_csv(path, dtype={"Id": str})
+        if not {"Id", "fold"} <= set(saved.columns):
+            raise ValueError(f"columns {', '.join(map(str, saved.columns))}, not Id, Category, fold")
+    except (ValueError, UnicodeDecodeError) as error:
+        raise KitError(f"{path} is damaged ({error}). {redo}") from None
+    listed, images = set(saved.Id), set(frame.Id)
+    if listed - images:
+        raise KitError(f"The saved split {path} names {len(listed - images)} photos that {workdir.data} does not "
+                       f"have (e.g. {sorted(listed - images)[0]}): the data changed since the run started. Download "
+                       f"the dataset the run started with again, or train a new run in another --workdir.")
+    if listed != images or saved.fold.isin(["train", "val"]).sum() != len(saved):
+        raise KitError(f"{path} is damaged: it lists {len(listed & images)} of the run's {len(images)} training "
+                       f"images (cut short?). {redo}")
+    return frame.Id.map(dict(zip(saved.Id, saved.fold == "val"))).to_numpy(bool)
 
 
 def read_pseudo_labels(path: Path, workdir: Workdir) -> pd.DataFrame:

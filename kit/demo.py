@@ -147,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-main = main_guard(main)
+main = main_guard(main, sigterm=False)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -160,14 +160,6 @@ class Parallel:
         shape = (self.count, *model.input_shape[1:])
         model.test_on_batch(np.zeros(shape, np.uint8), np.eye(classes, dtype=np.float32)[[0] * self.count])
 
-    def check_batch(self, batch_size: int, step: int) -> None:
-        from kit.cli import KitError
-
-        if batch_size % self.count:
-            raise KitError(f"Stage {step}'s batch of {batch_size} does not split evenly over {self.count} devices. "
-                           f"Use --devices with a divisor of {batch_size}, or start the stage with a --batch-size "
-                           f"that {self.count} divides.")
-
     def split(self, *arrays: np.ndarray):
         """The batch as the devices take it: TensorFlow wants each replica's share; JAX shards it itself."""
         if self._strategy is None:

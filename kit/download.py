@@ -105,13 +105,24 @@ def read_description(workdir: Workdir) -> Description:
     path = workdir.data / DESCRIPTION
     if not path.is_file():
         return competition_description()
-    saved = json.loads(path.read_text())
-    if saved.get("format") != 2:  # written by kit 0.2: this competition, with its classes
-        return competition_description(saved.get("source", "unknown"))
-    saved.pop("format")
-    for key in ("classes", "labels", "class_counts"):
-        saved[key] = tuple(saved[key])
-    return Description(**saved)
+    try:
+        saved = json.loads(path.read_text())
+        if saved.get("format") != 2:  # written by kit 0.2: this competition, with its classes
+            return competition_description(saved.get("source", "unknown"))
+        saved.pop("format")
+        for key in ("classes", "labels", "class_counts"):
+            saved[key] = tuple(saved[key])
+        return Description(**saved)
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        raise damaged_data(workdir, path, error) from None
+
+
+def damaged_data(workdir: Workdir, path: Path, error: Exception) -> KitError:
+    """The paragraph for a damaged dataset.json or index.csv: the photos and the run are intact, the file is redone."""
+    return KitError(f"{path} is damaged ({type(error).__name__}: {error}). The photos beside it and the run's "
+                    f"weights are intact: run the kit.download command you downloaded with again, adding --force "
+                    f"(e.g. '{workdir.command('kit.download', '--force')}'); it verifies the data again and rewrites "
+                    "the file.")
 
 
 def is_verified(workdir: Workdir) -> bool:

@@ -27,12 +27,14 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from kit import augment
+from kit.cli import KitError
 from kit.config import CACHE_SCALE
 from kit.dataset import Split, UnreadableImage, load_resized, resized_short_side
 from kit.files import write_bytes, write_text
 
 CACHE_VERSION = 1  # bump when load_resized changes, so old caches are rebuilt
 FLUSH_S = 5.0  # how often a build saves its progress
+FREE_MARGIN = 64 * 2 ** 20  # left free beside a cache: its small files, and the checkpoints written next
 DEFAULT_WORKERS = os.cpu_count() or 2
 
 _EXIF_ORIENTATION = 0x0112
@@ -112,6 +114,7 @@ class ImageCache:
         layout = np.load(layout_file)
         offsets, shapes = layout["offsets"], layout["shapes"]
         done = np.load(done_file) if done_file.is_file() else np.zeros(len(self.paths), bool)
+        check_free_space(self.folder, int((shapes[~done, 0] * shapes[~done, 1] * 3).sum()), self.short_side)
         pixels = np.memmap(pixels_file, np.uint8, mode="r+")
         todo = np.flatnonzero(~done)
 
@@ -174,6 +177,16 @@ class ImageCache:
             width, height = 2, 2
         w, h = resized_short_side(width, height, self.short_side)
         return h, w
+
+
+def check_free_space(folder: Path, needed: int, short_side: int) -> None:
+    """Refuse a cache the disk cannot hold: it is written through a memory map, and a full disk there is a SIGBUS."""
+    free = shutil.disk_usage(folder).free
+    if needed + FREE_MARGIN > free:
+        raise KitError(f"The image cache at {short_side} px needs {(needed + FREE_MARGIN) / 1e6:.0f} MB more in "
+                       f"{folder}, and that disk has {free / 1e6:.0f} MB free. Free space there, or put the cache on "
+                       "another disk with --cache-dir DIR (or $KIT_CACHE_DIR); nothing was lost, and the cache "
+                       "continues from what is built.")
 
 
 def _read_meta(folder: Path) -> dict:

@@ -35,13 +35,43 @@ def learning_rate(stage: Stage, options: TrainingOptions, steps_per_epoch: int):
         warmup_target=stage.lr if warmup else None, warmup_steps=warmup)
 
 
+class WarmEMA:
+    """Keras' EMA of the weights with TensorFlow's `num_updates` warm-up: momentum min(m, (1 + n) / (10 + n)).
+
+    Keras averages at a fixed momentum from the first step, so a stage shorter than 1 / (1 - m)
+    steps keeps much of the weights it started from in its average (with m = 0.999, 38% after
+    970 steps: in stage 1, a random head). With the warm-up, the average forgets its start within
+    a few dozen steps and reaches the full momentum as the stage goes on. Keras has no option
+    for this, so the one method that updates the average is replaced.
+    """
+
+    def _update_model_variables_moving_average(self, trainable_variables):
+        if not self.use_ema:
+            return
+        step = keras.ops.cast(self.iterations, "float32")
+        warm = keras.ops.minimum(self.ema_momentum, (1.0 + step) / (10.0 + step))
+        momentum = keras.ops.where(keras.ops.equal(self.iterations, 0), 0.0, warm)  # the first step: the weights
+        for variable, average in zip(trainable_variables, self._model_variables_moving_average):
+            if average is not None:
+                m = keras.ops.cast(momentum, variable.dtype)
+                average.assign(m * average + (1 - m) * variable)
+
+
+class Adam(WarmEMA, keras.optimizers.Adam):
+    pass
+
+
+class AdamW(WarmEMA, keras.optimizers.AdamW):
+    pass
+
+
 def optimizer(stage: Stage, options: TrainingOptions, steps_per_epoch: int) -> keras.optimizers.Optimizer:
-    """Adam as in the recipe, or AdamW with decoupled weight decay; either with an EMA of the weights."""
+    """Adam as in the recipe, or AdamW with decoupled weight decay; either with a warmed-up EMA of the weights."""
     rate = learning_rate(stage, options, steps_per_epoch)
     ema = {"use_ema": True, "ema_momentum": options.ema} if options.ema else {}
     if not options.weight_decay:
-        return keras.optimizers.Adam(rate, **ema)
-    adamw = keras.optimizers.AdamW(rate, weight_decay=options.weight_decay, **ema)
+        return Adam(rate, name="adam", **ema)
+    adamw = AdamW(rate, weight_decay=options.weight_decay, name="adamw", **ema)
     adamw.exclude_from_weight_decay(var_names=NO_DECAY)
     return adamw
 

