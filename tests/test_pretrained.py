@@ -166,12 +166,13 @@ def test_a_pretrained_build_and_every_rebuild_compute_the_same_function(backbone
     stage_one = build_model(backbone, size, 10, "imagenet")
     assert asked, "the pretrained build did not ask for its weights"
 
-    # What stage 1 trains from is what the package's pretrained network computes, on the package's input scaling.
-    reference = package_model(backbone, (size, size, 3), "imagenet")
-    expected = reference.predict(BACKBONES[backbone].preprocess(images.astype(np.float32)), verbose=0)
     ours = backbone_output(stage_one, images)
-    assert expected.std() > 0.01 and np.abs(expected).mean() > 0.01  # features that tell the photos apart
-    np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    assert ours.std() > 0.01 and np.abs(ours).mean() > 0.01  # features that tell the photos apart
+    if backbone == "keras-efficientnetb0":  # the one family the kit builds otherwise than its package does
+        # What stage 1 trains from is what the package's pretrained network computes, on its input scaling.
+        reference = package_model(backbone, (size, size, 3), "imagenet")
+        expected = reference.predict(BACKBONES[backbone].preprocess(images.astype(np.float32)), verbose=0)
+        np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
     # Stage 2, prediction, export: built again without weights (in the same process) and loaded by name.
     saved = tmp_path / "best.weights.npz"
