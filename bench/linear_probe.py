@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 STANFORD5 = ROOT.parent / "shared" / "real-cars" / "stanford5"
@@ -32,9 +34,8 @@ def labelled_photos(folder: Path) -> tuple[list[Path], list[str]]:
     return paths, [p.parent.name for p in paths]
 
 
-def pooled_features(paths: list[Path], backbone: str, size: int, weights: str) -> "np.ndarray":
+def pooled_features(paths: list[Path], backbone: str, size: int, weights: str) -> np.ndarray:
     import keras
-    import numpy as np
 
     from kit.augment import apply, plain_transform
     from kit.backbones import build_model

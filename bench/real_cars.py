@@ -15,9 +15,10 @@ standard deviation and the ratio to chance, then the test accuracy of kit.ensemb
 
 With --variants, every variant (NAME=kit.stage flags; "recipe" alone means no flags) trains on
 the same seeds, and a last table compares each with the first: mean test accuracy, the difference
-and its standard error over the seeds, and the ensemble of each variant's seeds. Two extra steps are variants too: "+final-fit" adds
-kit.stage --final-fit after the stages, and "+pseudo=P" trains the recipe, labels the test photos
-predicted with probability >= P (kit.pseudo), and trains a second run with them.
+and its standard error over the seeds, and the ensemble of each variant's seeds. Two extra steps
+are variants too: "+final-fit" adds kit.stage --final-fit after the stages, and "+pseudo=P" trains
+the recipe, labels the test photos predicted with probability >= P (kit.pseudo), and trains a
+second run with them.
 """
 
 from __future__ import annotations

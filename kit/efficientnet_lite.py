@@ -25,7 +25,7 @@ from keras import layers
 from kit.cli import KitError
 from kit.pth import read_state_dict
 
-# (width, depth, drop rate of the classifier) per variant, from the TensorFlow reference's builder.
+# (width, depth) multipliers per variant, from the TensorFlow reference's builder.
 VARIANTS = {0: (1.0, 1.0), 1: (1.0, 1.1), 2: (1.1, 1.2)}
 # (repeats, kernel, stride, expansion, input filters, output filters): EfficientNet-B0's seven stages.
 BLOCKS = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),

@@ -397,9 +397,9 @@ def check_starting_weights(workdir: Workdir, plan: StagePlan) -> None:
     try:
         checkpoint.read(source)
     except checkpoint.CorruptCheckpoint as error:
+        again = workdir.command("kit.stage", "--step", str(start - 1), "--restart")
         raise KitError(f"Stage {step} starts from {source}, which is damaged ({error}). Nothing was changed. Train "
-                       f"stage {start - 1} again ('{workdir.command('kit.stage', '--step', str(start - 1), '--restart')}'"
-                       f"), or copy that file back from a copy of the run.") from None
+                       f"stage {start - 1} again ('{again}'), or copy that file back from a copy of the run.") from None
 
 
 def run_split(workdir: Workdir, config: RunConfig) -> Split:

@@ -188,7 +188,8 @@ def test_keys_do_not_depend_on_what_was_built_before(tmp_path):
     """keras.applications names its Normalization by a global counter; a second build's keys are still the first's."""
     first = build_model("keras-efficientnetb0", 32, 3, "none")
     second = build_model("keras-efficientnetb0", 32, 3, "none")
-    names = {layer.name for layer in second.get_layer("backbone").layers if isinstance(layer, keras.layers.Normalization)}
+    names = {layer.name for layer in second.get_layer("backbone").layers
+             if isinstance(layer, keras.layers.Normalization)}
     assert names != {"normalization"}  # Keras numbered it
     assert list(checkpoint.model_variables(first)) == list(checkpoint.model_variables(second))
     checkpoint.save(tmp_path / "first.npz", first, {})

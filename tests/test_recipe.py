@@ -151,3 +151,7 @@ def test_the_modern_profile_is_the_recipe_with_its_options_on(tmp_path):
     with_ema = stage_plan(None, PROFILES["modern"], 5, Requested(options={"ema": 0.999}), Workdir(tmp_path))
     assert with_ema.options.ema == 0.999 and with_ema.options.weight_decay == MODERN_OPTIONS.weight_decay
     assert stage_plan(None, PROFILES["colab"], 5, Requested(), Workdir(tmp_path)).options == TrainingOptions()
+    cpu = stage_plan(None, PROFILES["cpu"], 4, Requested(), Workdir(tmp_path))  # as measured on stanford5
+    assert cpu.options.bn == "frozen" and PROFILES["cpu"].backbone == "efficientnet-lite0"
+    trained = stage_plan(None, PROFILES["cpu"], 4, Requested(options={"bn": "train"}), Workdir(tmp_path))
+    assert trained.options.bn == "train"
