@@ -26,7 +26,7 @@ from kit import checkpoint, demo  # noqa: E402
 from kit.backbones import build_model  # noqa: E402
 from kit.config import PROFILES, SEED, STEPS, TTA_VIEWS, VAL_FRACTION  # noqa: E402
 from kit.predict import LoadedModel, Predictor, load_model  # noqa: E402
-from kit.stages import RunConfig  # noqa: E402
+from kit.records import RunConfig  # noqa: E402
 
 SHARED_PHOTO = Path(__file__).resolve().parents[2] / "shared" / "competition" / "test_upload_sample" / "4052.jpg"
 

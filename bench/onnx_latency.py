@@ -32,7 +32,7 @@ from kit.config import PROFILES, SEED, STEPS, TTA_VIEWS, VAL_FRACTION  # noqa: E
 from kit.dataset import load_resized  # noqa: E402
 from kit.export import export  # noqa: E402
 from kit.predict import Predictor, load_model, load_onnx  # noqa: E402
-from kit.run import RunConfig  # noqa: E402
+from kit.records import RunConfig  # noqa: E402
 
 PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "competition" / "test_upload_sample"
 

@@ -108,7 +108,7 @@ def child(config: dict) -> dict:
             break
     pipeline_rate = done * batch / (time.perf_counter() - started)
 
-    # Validation as kit.stages.evaluate runs it: unaugmented batches of twice the stage's batch, from numpy.
+    # Validation as kit.training.evaluate runs it: unaugmented batches of twice the stage's batch, from numpy.
     plain = plain_transform(size)
     views = np.stack([plain(image=cache[i % len(cache)])["image"] for i in range(2 * batch)])
     started = time.perf_counter()

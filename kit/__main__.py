@@ -13,13 +13,17 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
+from kit import predict
 from kit.cli import EXIT_DONE, EXIT_FAILED, EXIT_STOPPED, add_workdir, main_guard
 from kit.config import PROFILES, TTA_VIEWS, Workdir
+from kit.dataset import is_verified, read_description, read_test
+from kit.download import download
+from kit.records import Budget
+from kit.stage import add_training_options, prepare_devices, train
+from kit.synthetic import write_synthetic
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from kit.stage import add_training_options
-
     parser = argparse.ArgumentParser(prog="python -m kit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workdir(parser)
@@ -32,29 +36,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from kit.stage import prepare_devices, train
-
     prepare_devices(args)
-    from kit import download, predict
-
     profile = PROFILES["smoke" if args.smoke else args.profile]
-    workdir = Workdir.resolve(args.workdir, profile)
+    workdir = Workdir.resolve(args.workdir, profile, args.cache_dir)
     print(f"== data ({workdir.data})")
-    if download.is_verified(workdir):
+    if is_verified(workdir):
         print("verified; nothing to do")
     elif profile.synthetic:
-        from kit.synthetic import write_synthetic
-
         print(write_synthetic(workdir, **profile.synthetic))
     else:
-        download.download(workdir)
+        download(workdir)
 
     print(f"== training ({profile.name} profile, {len(profile.stages)} stages)")
     args.all = True
     if train(workdir, profile, args) != "done":
         return EXIT_STOPPED  # stopped cleanly with a checkpoint; the same command continues
-
-    from kit.dataset import read_test
 
     if read_test(workdir).empty:
         print(f"No test images in {workdir.data}: training is done. Name any photos with "
@@ -63,14 +59,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"== prediction (TTA {args.tta})")
     loaded = predict.load_model(predict.weights_path(workdir))
     print(f"Model: {loaded.describe()}")
-    seed = predict.run_seed(workdir)
-    table, unreadable, written = predict.predict_test(workdir, loaded, args.tta, seed, args.workers, args.cache_dir)
+    budget, needed = Budget.minutes(args.time_budget), predict.expected_seconds(workdir, loaded, args.tta, validation_too=False)
+    if budget.limited and needed > budget.left():
+        print(f"Prediction was not started: by the stages' timings it takes about {needed / 60:.1f} min, and "
+              f"{max(budget.left(), 0) / 60:.1f} min of the --time-budget are left. Run the same command again in a "
+              "new session: training is done, so it goes straight to the prediction.")
+        return EXIT_STOPPED
+    table, unreadable, written = predict.predict_test(workdir, loaded, args.tta, loaded.config.seed, args.workers)
     print(f"Wrote {written} ({len(table)} rows)")
     if unreadable:
         print(f"error: {len(unreadable)} test images could not be read: {', '.join(unreadable)}")
         return EXIT_FAILED
     steps = [("kit.report",), ("kit.demo", "--share")]
-    if written.name == predict.SUBMISSION:  # a competition's data: there is something to submit
+    if written.name == predict.SUBMISSION and read_description(workdir).source != "synthetic":  # Kaggle would take it
         steps.insert(1, ("kit.submit", "--message", "'...'"))
     print("Next: " + ", ".join(workdir.command(m, *a) for m, *a in steps))
     return EXIT_DONE

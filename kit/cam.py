@@ -19,7 +19,8 @@ from keras import ops
 
 from kit.augment import apply, plain_transform
 from kit.cli import KitError
-from kit.predict import VIEWS_PER_BATCH, LoadedModel
+from kit.inference import VIEWS_PER_BATCH
+from kit.predict import LoadedModel
 
 BOX_LEVEL = 0.5  # the hottest region: the connected pixels above half the peak that hold the peak
 OVERLAY_STRENGTH = 0.45  # how much of the heat map's colour covers the photo

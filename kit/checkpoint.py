@@ -25,12 +25,15 @@ import re
 import time
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import keras
 import numpy as np
-from keras.src.utils.naming import to_snake_case  # Keras' own rule for the names it generates
 
+from kit import __version__
 from kit.files import atomic_path
+
+if TYPE_CHECKING:
+    import keras
 
 KEEP = 2  # the newest checkpoint and the one before it, in case the newest is damaged
 FORMAT = 2  # 1: variables by position (kit before 2026-11-22); 2: by name, with versions
@@ -74,6 +77,8 @@ def model_variables(model: keras.Model) -> dict[str, keras.Variable]:
 
 def _stable_layer_names(model: keras.Model) -> list[tuple[keras.layers.Layer, str]]:
     """(layer, name) for every leaf layer; a name Keras generated from a global counter is numbered afresh."""
+    from keras.src.utils.naming import to_snake_case  # Keras' own rule for the names it generates
+
     counts: dict[str, int] = {}
     named = []
     for layer in _leaf_layers(model):
@@ -87,6 +92,8 @@ def _stable_layer_names(model: keras.Model) -> list[tuple[keras.layers.Layer, st
 
 
 def _leaf_layers(model: keras.Model):
+    import keras
+
     for layer in model.layers:
         if isinstance(layer, keras.Model):
             yield from _leaf_layers(layer)
@@ -112,7 +119,7 @@ def _short(path: str) -> str:
 
 def versions() -> dict[str, str]:
     """What made a file, stored with it so a mismatch can be explained."""
-    from kit import __version__
+    import keras  # late, as in every function here that needs it: the file names and states need no framework
 
     return {"format": str(FORMAT), "kit": __version__, "keras": keras.__version__, "backend": keras.backend.backend()}
 
@@ -124,8 +131,14 @@ def save(path: Path, model: keras.Model, state: dict, optimizer: keras.optimizer
     arrays = {f"model/{k}": _numpy(v) for k, v in model_variables(model).items()}
     if optimizer is not None:
         arrays.update({f"optimizer/{k}": _numpy(v) for k, v in optimizer_variables(optimizer).items()})
-    arrays["state"] = _json_bytes(state)
-    arrays["versions"] = _json_bytes(versions())
+    write_arrays(path, arrays, state, versions())
+
+
+def write_arrays(path: Path, arrays: dict[str, np.ndarray], state: dict, made_by: dict | None = None) -> None:
+    """Arrays and a JSON state in one .npz, atomically: the kit's one file format (read back by `read`)."""
+    arrays = {**arrays, "state": _json_bytes(state)}
+    if made_by:
+        arrays["versions"] = _json_bytes(made_by)
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     with atomic_path(path) as tmp:
@@ -133,6 +146,8 @@ def save(path: Path, model: keras.Model, state: dict, optimizer: keras.optimizer
 
 
 def _numpy(variable) -> np.ndarray:
+    import keras
+
     return np.asarray(keras.ops.convert_to_numpy(variable))
 
 

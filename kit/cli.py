@@ -22,6 +22,9 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+from kit.config import PROFILES
+from kit.files import LockHeld, WorkdirLock
+
 # The budget counts from here: every command imports this module before TensorFlow, the data or the model.
 PROCESS_START = time.time()
 
@@ -48,8 +51,6 @@ def session_start(default: float) -> float:
 
 def add_workdir(parser: argparse.ArgumentParser) -> None:
     """--workdir and --profile: together they name one folder, the same for every command."""
-    from kit.config import PROFILES
-
     parser.add_argument(
         "--workdir",
         default=None,
@@ -61,6 +62,12 @@ def add_workdir(parser: argparse.ArgumentParser) -> None:
                              "cpu: EfficientNet-Lite0 (ImageNet weights from pip), the stages sized for a CPU; "
                              "smoke: tiny, synthetic, "
                              "minutes on a CPU, kept in <workdir>/smoke")
+
+
+def add_cache_dir(parser) -> None:
+    """--cache-dir, for every command that reads photos through the image cache (one rule: Workdir.cache)."""
+    parser.add_argument("--cache-dir", type=Path, help="image cache folder (default: $KIT_CACHE_DIR or <workdir>/cache); "
+                                                       "give every command the same one")
 
 
 class Terminated(Exception):
@@ -133,8 +140,6 @@ def main_guard(main: Callable[[Sequence[str] | None], int],
 @contextlib.contextmanager
 def workdir_lock(workdir, what: str) -> Iterator[None]:
     """Hold the work directory's lock while `what` writes to it; a second process refuses."""
-    from kit.files import LockHeld, WorkdirLock
-
     try:
         lock = WorkdirLock(workdir.lock, what)
         lock.acquire()

@@ -200,6 +200,8 @@ class Workdir:
 
     `data_dir` moves the unpacked photos elsewhere (Colab's local disk, $KIT_DATA_DIR): tens of
     thousands of small files are slow to write to Drive and slow to read back after a disconnect.
+    `cache_dir` moves the image caches (--cache-dir, else $KIT_CACHE_DIR): the one rule every
+    command follows, so a stage, the prediction and the report share one cache per image size.
     `flags` are the command-line flags that name this folder, so every hint the kit prints can
     repeat them and a pasted command reaches the same place.
     """
@@ -207,29 +209,36 @@ class Workdir:
     root: Path
     data_dir: Path | None = None
     flags: str = ""
+    cache_dir: Path | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "root", Path(self.root))
-        if self.data_dir is not None:
-            object.__setattr__(self, "data_dir", Path(self.data_dir))
+        for name in ("data_dir", "cache_dir"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
 
     def __str__(self) -> str:
         return str(self.root)
 
     @classmethod
-    def resolve(cls, path: str | os.PathLike | None = None, profile: Profile | None = None) -> "Workdir":
+    def resolve(cls, path: str | os.PathLike | None = None, profile: Profile | None = None,
+                cache_dir: str | os.PathLike | None = None) -> "Workdir":
         root = Path(path or os.environ.get("KIT_WORKDIR") or ".").expanduser().resolve()
         flags = []
-        if profile is not None and profile.subdir:
-            root = root / profile.subdir
+        subdir = profile.subdir if profile is not None else ""
+        if subdir:
+            root = root / subdir
             flags += ["--profile", profile.name]
         if path:
             flags += ["--workdir", str(path)]
-        data_dir = os.environ.get("KIT_DATA_DIR")
-        if data_dir and profile is not None and profile.subdir:
-            data_dir = str(Path(data_dir) / profile.subdir)
-        return cls(root, Path(data_dir).expanduser().resolve() if data_dir else None,
-                   "".join(f" {shlex.quote(flag)}" for flag in flags))
+        if cache_dir:
+            flags += ["--cache-dir", str(cache_dir)]
+
+        def moved(given: str | os.PathLike | None) -> Path | None:  # a smoke run's folders beside the real ones
+            return Path(given).expanduser().resolve() / subdir if given else None
+
+        return cls(root, moved(os.environ.get("KIT_DATA_DIR")), "".join(f" {shlex.quote(flag)}" for flag in flags),
+                   Path(cache_dir).expanduser().resolve() if cache_dir else moved(os.environ.get("KIT_CACHE_DIR")))
 
     def command(self, module: str, *args: str) -> str:
         """`python -m kit.X ARGS` with the flags that name this work directory, ready to paste."""
@@ -263,7 +272,13 @@ class Workdir:
 
     @property
     def cache(self) -> Path:
-        return self.root / "cache"
+        """The image caches: --cache-dir, $KIT_CACHE_DIR (e.g. Colab's local disk, faster than Drive) or cache/."""
+        return self.cache_dir or self.root / "cache"
+
+    @property
+    def compiled(self) -> Path:
+        """XLA's compiled programs (JAX): kept with the run, which outlives a session, not with the image cache."""
+        return self.weights / "compiled"
 
     @property
     def weights(self) -> Path:

@@ -1,15 +1,24 @@
-"""The dataset as every command after the download sees it: classes, images, the saved split.
+"""What a dataset is, for every command: its description, its index, its image files, decoding, the split.
 
-The classes and their order come from data/dataset.json, the images from data/index.csv (both
-written by kit.download). Reading an image lives here too, so training, prediction and the demo
-all see the same pixels.
+kit.download gets the files into <workdir>/data; `describe` here indexes and verifies them and
+writes data/index.csv (every image with its class and subset) and, last, data/dataset.json (the
+classes in order, the counts and the source). Every later command reads the classes from the
+description and the images from the index. Reading an image lives here too, so training,
+prediction and the demo all see the same pixels, and one folder walk (`scan_folder`) with one set
+of skip rules serves the download, `kit.predict --folder` and `kit.report --test-dir`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import unicodedata
 import warnings
-from dataclasses import dataclass
-from pathlib import Path
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -17,9 +26,347 @@ import pandas as pd
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from kit.cli import KitError
-from kit.config import COMPETITION, SEED, VAL_FRACTION, Workdir
-from kit.download import INDEX, damaged_data, read_description, table_index
+from kit.config import COMPETITION, COMPETITION_CLASSES, SEED, VAL_FRACTION, Workdir
 from kit.files import write_text
+
+DESCRIPTION = "dataset.json"  # written last, once the layout is verified: the data is complete once it exists
+OLD_MARKER = ".verified"  # what a work directory made before dataset.json holds instead
+INDEX = "index.csv"  # Id, Category (class index; empty for unlabelled test images), subset, path
+IMAGES = "images"  # where class-folder datasets live under data/ (unpacked, or a link to the folder)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+SUBSET_NAMES = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test", "testing")}
+MAX_EXAMPLES = 10  # skipped files listed by name in the description, per reason
+SHOWN_CLASSES = 30  # classes printed in the summary; the description always holds all of them
+
+
+@dataclass(frozen=True)
+class Description:
+    """What data/dataset.json says: where the data came from, its layout, classes in order, counts."""
+
+    source: str  # kaggle, kaggle-dataset, zip, folder, synthetic (unknown: verified by an old kit)
+    origin: str  # the competition, OWNER/SLUG, the archive or the folder
+    layout: str  # "table" (a CSV of image id and label, plus image folders) or "class-folders"
+    classes: tuple[str, ...]  # names, in the order of the model's outputs
+    labels: tuple[str, ...]  # what a submission writes for each class (a table's label values)
+    class_counts: tuple[int, ...]  # labelled training + validation images per class
+    validation_images: int = 0  # from a labelled validation folder; 0: the kit draws a random split
+    test_images: int = 0
+    test_labelled: bool = False  # a class-folder test set the report can score
+    competition: str | None = None  # the Kaggle competition a submission goes to, if any
+    sample_submission: str | None = None  # its sample submission, relative to data/
+    skipped: dict = field(default_factory=dict)  # reason -> {"count": n, "examples": [paths]}
+
+    def __str__(self) -> str:
+        width = max(22, min(40, max(len(c) for c in self.classes)))
+        lines = [f"{self.origin} ({self.layout}): {len(self.classes)} classes", f"{'class':>5}  {'name':<{width}} "
+                 f"{'images':>6}"]
+        shown = list(enumerate(zip(self.classes, self.class_counts)))
+        for k, (name, n) in shown[:SHOWN_CLASSES]:
+            lines.append(f"{k:>5}  {name[:width]:<{width}} {n:>6}")
+        if len(shown) > SHOWN_CLASSES:
+            lines.append(f"{'':>5}  ... {len(shown) - SHOWN_CLASSES} more (all in {DESCRIPTION})")
+        lines.append(f"{'':>5}  {'labelled total':<{width}} {sum(self.class_counts):>6}")
+        if self.validation_images:
+            lines.append(f"{'':>5}  {'of which validation':<{width}} {self.validation_images:>6}")
+        kind = "test images (labelled)" if self.test_labelled else "test images"
+        lines.append(f"{'':>5}  {kind:<{width}} {self.test_images:>6}")
+        for reason, what in self.skipped.items():
+            lines.append(f"skipped {what['count']} {reason}: {', '.join(what['examples'][:3])}"
+                         + (" ..." if what["count"] > 3 else ""))
+        return "\n".join(lines)
+
+    def to_json(self) -> str:
+        return json.dumps({"format": 2, **dataclasses.asdict(self)}, indent=2, ensure_ascii=False)
+
+
+def competition_description(source: str = "unknown") -> Description:
+    """This competition as a work directory verified before descriptions existed knows it."""
+    return Description(source, COMPETITION, "table", COMPETITION_CLASSES,
+                       tuple(str(k) for k in range(len(COMPETITION_CLASSES))), (0,) * len(COMPETITION_CLASSES),
+                       competition=COMPETITION, sample_submission="sample-submission.csv")
+
+
+def read_description(workdir: Workdir) -> Description:
+    """The verified dataset's description; a message naming the download command when there is none."""
+    require_dataset(workdir)
+    path = workdir.data / DESCRIPTION
+    if not path.is_file():
+        return competition_description()
+    try:
+        saved = json.loads(path.read_text())
+        if saved.get("format") != 2:  # written by kit 0.2: this competition, with its classes
+            return competition_description(saved.get("source", "unknown"))
+        saved.pop("format")
+        for key in ("classes", "labels", "class_counts"):
+            saved[key] = tuple(saved[key])
+        return Description(**saved)
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        raise damaged_data(workdir, path, error) from None
+
+
+def damaged_data(workdir: Workdir, path: Path, error: Exception) -> KitError:
+    """The paragraph for a damaged dataset.json or index.csv: the photos and the run are intact, the file is redone."""
+    return KitError(f"{path} is damaged ({type(error).__name__}: {error}). The photos beside it and the run's "
+                    f"weights are intact: run the kit.download command you downloaded with again, adding --force "
+                    f"(e.g. '{workdir.command('kit.download', '--force')}'); it verifies the data again and rewrites "
+                    "the file.")
+
+
+def is_verified(workdir: Workdir) -> bool:
+    return (workdir.data / DESCRIPTION).is_file() or (workdir.data / OLD_MARKER).is_file()
+
+
+def require_dataset(workdir: Workdir) -> None:
+    """Refuse to train or predict on a dataset that was not fully unpacked and verified."""
+    if not is_verified(workdir):
+        raise KitError(f"No verified dataset in {workdir.data}. Run '{workdir.command('kit.download')}' first "
+                       "(this competition, with Kaggle credentials; add --competition NAME or --dataset "
+                       "OWNER/SLUG for other Kaggle data, --zip ARCHIVE for an archive downloaded by hand, "
+                       "--from-dir DIR for a folder, or --synthetic for generated pictures).")
+
+
+def mark_unverified(workdir: Workdir) -> None:
+    """Remove the description first: data/ is unverified while it changes, so no command uses it half-done."""
+    for marker in (DESCRIPTION, OLD_MARKER):
+        (workdir.data / marker).unlink(missing_ok=True)
+
+
+# ---- what is in data/ ----------------------------------------------------------------
+
+def describe(workdir: Workdir, source: str, origin: str, competition: str | None = None) -> Description:
+    """Index and verify the data, then write index.csv and, last, dataset.json."""
+    data = workdir.data
+    if (data / IMAGES).is_dir():
+        layout, competition = "class-folders", None
+        index, classes, skipped = folder_index(data / IMAGES, data)
+        labels, sample = classes, None
+    else:
+        layout, competition, skipped = "table", competition or COMPETITION, {}
+        index, classes, labels, sample = table_index(data, competition)
+    labelled = index[index.Category.notna()]
+    counts = labelled[labelled.subset != "test"].Category.astype(int).value_counts()
+    test = index[index.subset == "test"]
+    description = Description(
+        source, origin, layout, tuple(classes), tuple(labels),
+        tuple(int(counts.get(k, 0)) for k in range(len(classes))), int((index.subset == "val").sum()),
+        len(test), bool(len(test)) and bool(test.Category.notna().all()), competition, sample, skipped)
+    (data / OLD_MARKER).unlink(missing_ok=True)
+    write_text(data / INDEX, index.to_csv(index=False))
+    write_text(data / DESCRIPTION, description.to_json())
+    return description
+
+
+def image_files(root: Path) -> Iterator[Path]:
+    """Every file under `root` (following a linked folder), in a stable order."""
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        dirs.sort()
+        for name in sorted(files):
+            yield Path(folder) / name
+
+
+def is_hidden(relative: PurePosixPath) -> bool:
+    """Dot files and folders, and the __MACOSX folder zips made on a Mac carry."""
+    return any(part.startswith(".") or part == "__MACOSX" for part in relative.parts)
+
+
+def is_image(path: PurePosixPath) -> bool:
+    """By extension, as a folder is listed; decoding is checked later, and unreadable photos are listed then."""
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+@dataclass(frozen=True)
+class FolderScan:
+    """The images under a folder (paths relative to it) and what was skipped, by reason."""
+
+    root: Path
+    images: tuple[PurePosixPath, ...]
+    skipped: dict[str, list[str]]
+
+    @property
+    def paths(self) -> list[Path]:
+        return [self.root / p for p in self.images]
+
+
+def scan_folder(root: Path, class_folders: bool = False, loose: bool = True) -> FolderScan:
+    """The one walk over a folder of photos, with the kit's skip rules: hidden files, files that are not images.
+
+    With `class_folders`, an image counts only as <class>/<photo>: deeper ones are skipped, and loose
+    photos at the top too unless `loose` (a test folder may hold either).
+    """
+    images, skipped = [], defaultdict(list)
+    for path in image_files(root):
+        relative = PurePosixPath(path.relative_to(root).as_posix())
+        depth = len(relative.parts)
+        if is_hidden(relative):
+            skipped["hidden files"].append(relative.as_posix())
+        elif not is_image(relative):
+            skipped["files that are not images"].append(relative.as_posix())
+        elif class_folders and depth > 2:
+            skipped["images in nested folders"].append(relative.as_posix())
+        elif class_folders and depth == 1 and not loose:
+            skipped["images outside a class folder"].append(relative.as_posix())
+        else:
+            images.append(relative)
+    return FolderScan(Path(root), tuple(images), dict(skipped))
+
+
+def _child(folder: Path, names: Sequence[str]) -> Path | None:
+    """The subfolder of `folder` called any of `names`, ignoring case."""
+    for child in sorted(folder.iterdir()) if folder.is_dir() else ():
+        if child.is_dir() and child.name.lower() in names:
+            return child
+    return None
+
+
+def _has_class_folders(folder: Path) -> bool:
+    """At least one subfolder holding images directly."""
+    return any(child.is_dir() and not child.name.startswith(".") and any(
+        f.is_file() and is_image(PurePosixPath(f.name)) for f in child.iterdir()) for child in folder.iterdir())
+
+
+def find_split_root(root: Path, depth: int = 4) -> tuple[Path, dict[str, Path | None]]:
+    """The folder holding train/ (and val/, test/) or the class folders themselves, below any wrapper folders.
+
+    Archives often wrap the data (Stanford Cars' car_data/car_data/train/...), so the search goes
+    breadth first through single folders before deciding.
+    """
+    level = [root]
+    for _ in range(depth):
+        for folder in level:
+            train = _child(folder, SUBSET_NAMES["train"])
+            if train is not None and _has_class_folders(train):
+                return folder, {"train": train, "val": _child(folder, SUBSET_NAMES["val"]),
+                                "test": _child(folder, SUBSET_NAMES["test"])}
+        for folder in level:
+            if _has_class_folders(folder) and _child(folder, SUBSET_NAMES["train"]) is None:
+                return folder, {"train": folder, "val": None, "test": None}
+        level = [child for folder in level for child in sorted(folder.iterdir())
+                 if child.is_dir() and not is_hidden(PurePosixPath(child.name))]
+    raise KitError(f"No class folders were found in {root}: expected train/<class>/<photos> (with optional "
+                   "valid/<class>/ and test/<class>/ or test/<photos>), or <class>/<photos>. Point --from-dir "
+                   "or --zip at such a folder or archive.")
+
+
+def folder_index(root: Path, data: Path) -> tuple[pd.DataFrame, list[str], dict]:
+    """Every image of a class-folder dataset with its class and subset; skipped files counted by reason."""
+    split_root, subsets = find_split_root(root)
+    skipped: dict[str, list[str]] = defaultdict(list)
+    found: dict[str, dict[str, list[Path]]] = {}  # subset -> class ('' for unlabelled) -> files
+    for subset, folder in subsets.items():
+        if folder is None:
+            continue
+        # Loose validation photos are kept to be refused below with a message; loose training ones are skipped.
+        scan = scan_folder(folder, class_folders=True, loose=subset != "train")
+        prefix = PurePosixPath(folder.relative_to(split_root).as_posix())
+        for reason, paths in scan.skipped.items():
+            skipped[reason] += [(prefix / p).as_posix() for p in paths]
+        found[subset] = defaultdict(list)
+        for relative in scan.images:
+            name = unicodedata.normalize("NFC", relative.parts[0]) if len(relative.parts) == 2 else ""
+            found[subset][name].append(folder / relative)
+    classes = sorted(name for name, files in found["train"].items() if files)
+    if len(classes) < 2:
+        raise KitError(f"{subsets['train']} has {len(classes)} class folder(s) with images; a classifier needs at "
+                       "least 2. Each class should be a folder of photos: train/<class>/<photo>.")
+    for subset in ("val", "test"):
+        unknown = sorted(set(found.get(subset, {})) - set(classes) - {""})
+        if unknown:
+            raise KitError(f"{subsets[subset]} has class folders that the training folder lacks: "
+                           f"{', '.join(unknown[:5])}. Every class of {subset} must also be a training class; "
+                           "rename or remove those folders.")
+    if "val" in found and found["val"].get(""):
+        raise KitError(f"{subsets['val']} holds photos outside class folders; validation photos need their class: "
+                       "put them in valid/<class>/.")
+    if "test" in found and found["test"].get("") and len(found["test"]) > 1:
+        raise KitError(f"{subsets['test']} mixes class folders and loose photos; use one or the other.")
+    number = {name: k for k, name in enumerate(classes)}
+    rows = [(path.relative_to(root).as_posix(), number.get(name), subset, path.relative_to(data).as_posix())
+            for subset, by_class in found.items() for name, files in sorted(by_class.items()) for path in files]
+    index = pd.DataFrame(rows, columns=["Id", "Category", "subset", "path"])
+    index["Category"] = index.Category.astype("Int64")
+    summary = {reason: {"count": len(paths), "examples": paths[:MAX_EXAMPLES]} for reason, paths in skipped.items()}
+    return index, classes, summary
+
+
+def find_tables(data: Path) -> tuple[Path, Path]:
+    """The training table and the sample submission of a competition, the shallowest of each."""
+    csvs = sorted(data.rglob("*.csv"), key=lambda p: (len(p.relative_to(data).parts), p.name))
+    csvs = [p for p in csvs if p.name not in (INDEX,) and not is_hidden(PurePosixPath(p.relative_to(data).as_posix()))]
+    samples = [p for p in csvs if "sample" in p.name.lower() or "submission" in p.name.lower()]
+    trains = [p for p in csvs if p.stem.lower() in ("train", "labels", "train_labels", "trainlabels")]
+    if not samples or not trains:
+        raise KitError(f"{data} is not laid out as a competition: it needs a training table (train.csv or "
+                       "labels.csv: image id, label) and a sample submission (sample_submission.csv). For a "
+                       "folder of class folders, give the folder itself to --from-dir or --zip.")
+    return trains[0], samples[0]
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except Exception as error:
+        raise KitError(f"{path} cannot be read as CSV ({error}). Delete it and run the download again.") from None
+    if len(frame.columns) < 2:
+        raise KitError(f"{path} should have an image id column and a label column but has {list(frame.columns)}. "
+                       "Delete it and run the download again.")
+    return frame
+
+
+def ordered_labels(values) -> list[str]:
+    """Label values in a stable order: numerically when they are all integers, else alphabetically."""
+    values = sorted(set(values))
+    if all(v.lstrip("-").isdigit() for v in values):
+        return sorted(values, key=int)
+    return values
+
+
+def table_index(data: Path, competition: str) -> tuple[pd.DataFrame, list[str], list[str], str]:
+    """A competition's images: the training table's rows and the sample submission's, each with its file;
+    the classes, their label values, and where the sample submission is (relative to `data`)."""
+    train_csv, sample_csv = find_tables(data)
+    train, sample = read_table(train_csv), read_table(sample_csv)
+    id_column, label_column = train.columns[:2]
+    if competition == COMPETITION:
+        labels = [str(k) for k in range(len(COMPETITION_CLASSES))]
+        classes = list(COMPETITION_CLASSES)
+        outside = sorted(set(train[label_column]) - set(labels))
+        if outside:
+            raise KitError(f"The dataset in {data} is incomplete: {train_csv.name} has categories outside "
+                           f"0..{len(labels) - 1}: {outside[:5]}. It is not {COMPETITION}'s table: delete it and "
+                           f"run '{'python -m kit.download'}' again.")
+    else:
+        labels = ordered_labels(train[label_column])
+        classes = labels
+    files: dict[str, list[str]] = defaultdict(list)
+    for relative in scan_folder(data).images:
+        files[relative.name].append(relative.as_posix())
+        files[relative.stem].append(relative.as_posix())  # tables often give ids without the extension
+    number = {label: k for k, label in enumerate(labels)}
+    rows, missing = [], defaultdict(list)
+    for image_id, label in zip(train[id_column], train[label_column]):
+        # The same name may sit in train/ and test/: prefer a folder named after the label, then not a test one.
+        candidates = sorted(files.get(image_id, []),
+                            key=lambda p: (label not in p.split("/")[:-1], "test" in p.lower()))
+        if candidates:
+            rows.append((image_id, number[label], "train", candidates[0]))
+        else:
+            missing["training"].append(f"{image_id} ({label})")
+    for image_id in sample[sample.columns[0]]:
+        candidates = sorted(files.get(image_id, []), key=lambda p: "test" not in p.lower())
+        if candidates:
+            rows.append((image_id, None, "test", candidates[0]))
+        else:
+            missing["test"].append(image_id)
+    if missing:
+        problems = [f"{len(ids)} {kind} images listed in the tables are missing (e.g. {ids[0]})"
+                    for kind, ids in missing.items()]
+        raise KitError(f"The dataset in {data} is incomplete: {'; '.join(problems)}. Run the download again to "
+                       "finish it.")
+    index = pd.DataFrame(rows, columns=["Id", "Category", "subset", "path"])
+    index["Category"] = index.Category.astype("Int64")
+    return index, classes, labels, sample_csv.relative_to(data).as_posix()
+
+
 
 MAX_PIXELS = 40_000_000  # a 40-megapixel photo is already far more than any ad photo needs
 
@@ -141,8 +488,6 @@ def fold_split(labels: np.ndarray, fold: str, seed: int) -> np.ndarray:
     The same labels and seed give the same N folds in any process, so N work directories (one per
     fold) share one partition and together validate every image exactly once.
     """
-    import warnings
-
     from sklearn.model_selection import StratifiedKFold
 
     k, n = parse_fold(fold)

@@ -20,7 +20,7 @@ import numpy as np
 
 from kit.cli import add_workdir, main_guard
 from kit.config import COMPETITION_CLASSES, TTA_VIEWS, Workdir
-from kit.dataset import UnreadableImage, load_resized
+from kit.dataset import UnreadableImage, is_verified, load_resized, read_test
 from kit.predict import LoadedModel, Predictor, add_model_options, model_from_args
 
 MAX_UPLOAD = "20mb"
@@ -65,7 +65,7 @@ def build_demo(loaded: LoadedModel, tta: int = TTA_VIEWS, examples: Sequence[Pat
 
     def explain(photo: str | None, show: bool) -> np.ndarray | None:
         """Where the model looked for the class it named: the heat map over the photo, the hottest region boxed."""
-        from kit import cam
+        from kit import cam  # late: Grad-CAM needs Keras, which an ONNX-served demo never loads
 
         if photo is None or not show:
             return None
@@ -110,9 +110,6 @@ def what_it_knows(classes: Sequence[str], shown: int = 12) -> str:
 
 def example_photos(workdir: Workdir) -> list[Path]:
     """A few of the dataset's test photos, when it has any (the page offers them to click)."""
-    from kit.dataset import read_test
-    from kit.download import is_verified
-
     if not is_verified(workdir):
         return []
     return [Path(p) for p in read_test(workdir).path[:EXAMPLES] if Path(p).is_file()]
@@ -131,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kit.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workdir(parser)
-    add_model_options(parser, serving=True)
+    add_model_options(parser, serving=True, precision=False)
     parser.add_argument("--share", action="store_true", help="also print a public gradio.live link")
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface (Docker)")
     parser.add_argument("--port", type=int, default=7860)

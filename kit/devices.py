@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kit.cli import KitError
+
 ALL = "all"
 
 
@@ -41,13 +43,15 @@ def request_cpu_devices(count: int) -> None:
             tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * count)
 
 
-def cache_compilations(cache_root: Path) -> None:
-    """Keep what XLA compiles under the image cache's root (JAX), so a resume on the same kind of GPU skips it.
+def cache_compilations(folder: Path) -> None:
+    """Keep what XLA compiles in `folder` (JAX; Workdir.compiled, with the run), so a resume skips compiling.
 
     On an H100 XLA took 120-131 s to compile and autotune EfficientNetB6's training step, and every
     stage start and every resume paid it again; on this CPU a cached B0 step starts in 6.5 s
     instead of 23. JAX keys each entry by the program, the device kind, its own version and the
-    XLA flags, so another GPU compiles afresh beside the old entries. Nothing is set up for
+    XLA flags, so another GPU compiles afresh beside the old entries. The folder lives with the
+    run's weights, which the notebooks keep between sessions (Drive, a Kaggle version's output),
+    not with the image cache, which they put on a disk wiped each session. Nothing is set up for
     TensorFlow: its XLA cache was not measured here (no TensorFlow on the GPU machine).
     """
     import keras
@@ -55,7 +59,7 @@ def cache_compilations(cache_root: Path) -> None:
     if keras.backend.backend() == "jax":
         import jax
 
-        folder = Path(cache_root) / "xla"
+        folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         jax.config.update("jax_compilation_cache_dir", str(folder))
 
@@ -95,8 +99,6 @@ def device_names() -> list[str]:
 
 def choose_count(requested: str, available: int) -> int:
     """--devices N|all as a number, refusing more than the machine has."""
-    from kit.cli import KitError
-
     if requested == ALL:
         return available
     count = int(requested)
@@ -130,9 +132,7 @@ class Parallel:
 
             keras.distribution.set_distribution(keras.distribution.DataParallel(devices=jax.devices()[:count]))
             return cls(count)
-        from kit.cli import KitError
-
-        raise KitError("Several devices need Keras' TensorFlow or JAX backend; use --devices 1 with this one.")
+            raise KitError("Several devices need Keras' TensorFlow or JAX backend; use --devices 1 with this one.")
 
     def scope(self):
         """Where the model and its optimizer are built: their variables are mirrored on every device."""
@@ -203,13 +203,17 @@ def _all_layers(model):
 # ---- precision and the accelerator, in words ----------------------------------------------------
 
 def choose_precision(precision: str) -> str:
-    """'auto' means mixed precision on a GPU (bfloat16 where the chip has it) and float32 on a CPU."""
-    if precision != "auto":
-        return precision
-    gpu = _gpu_compute_capability()
-    if gpu is None:
+    """'auto' is the machine's rule (precision_for); any other value is taken as given."""
+    return precision_for(_gpu_compute_capability()) if precision == "auto" else precision
+
+
+def precision_for(compute_capability: float | None) -> str:
+    """Mixed precision where the GPU has the units for it, Keras' mixed-precision guide's rule: float16 from
+    compute capability 7.0 (V100, T4), bfloat16 from 8.0 (A100, L4, H100); float32 below 7.0 (Kaggle's P100,
+    6.0, where float16 is slower than float32) and on a CPU (None)."""
+    if compute_capability is None or compute_capability < 7.0:
         return "float32"
-    return "mixed_bfloat16" if gpu >= 8.0 else "mixed_float16"
+    return "mixed_bfloat16" if compute_capability >= 8.0 else "mixed_float16"
 
 
 def describe_device() -> str:

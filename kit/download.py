@@ -12,342 +12,31 @@ image folders (inner train.zip/test.zip are unpacked too). Class folders: `train
 optional `valid|validation|val/<class>/*` (used as the validation split) and `test/<class>/*`
 (labelled: the report evaluates on it) or `test/*` (unlabelled), or just `<class>/*`.
 
-The description written last, data/dataset.json, holds the classes in order, the counts and the
-source; every other command reads the classes from it. data/index.csv lists every image with its
-class and subset. Files are written under temporary names and renamed when complete, so an
-interrupted unpack is finished by the next run and never used half-done.
+Once the files are in place, kit.dataset indexes and verifies them and writes the description
+(data/dataset.json, last) that every other command reads. Files are written under temporary names
+and renamed when complete, so an interrupted unpack is finished by the next run and never used
+half-done.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import errno
-import json
-import os
 import shutil
-import unicodedata
 import zipfile
-from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Iterator, Sequence
 
-import pandas as pd
 from tqdm.auto import tqdm
 
 from kit.cli import KitError, add_workdir, main_guard
-from kit.config import COMPETITION, COMPETITION_CLASSES, PROFILES, SEED, Workdir
-from kit.files import atomic_path, write_text
+from kit.config import COMPETITION, PROFILES, SEED, Workdir
+from kit.dataset import (IMAGES, INDEX, Description, describe, find_split_root, is_verified, mark_unverified,
+                         read_description)
+from kit.files import atomic_path
 from kit.kaggle_api import KaggleClient, kaggle_api, kaggle_errors, page_of
-
-DESCRIPTION = "dataset.json"  # written last, once the layout is verified: the data is complete once it exists
-OLD_MARKER = ".verified"  # what a work directory made before dataset.json holds instead
-INDEX = "index.csv"  # Id, Category (class index; empty for unlabelled test images), subset, path
-IMAGES = "images"  # where class-folder datasets live under data/ (unpacked, or a link to the folder)
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
-SUBSET_NAMES = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test", "testing")}
-MAX_EXAMPLES = 10  # skipped files listed by name in the description, per reason
-SHOWN_CLASSES = 30  # classes printed in the summary; the description always holds all of them
-
-
-@dataclass(frozen=True)
-class Description:
-    """What data/dataset.json says: where the data came from, its layout, classes in order, counts."""
-
-    source: str  # kaggle, kaggle-dataset, zip, folder, synthetic (unknown: verified by an old kit)
-    origin: str  # the competition, OWNER/SLUG, the archive or the folder
-    layout: str  # "table" (a CSV of image id and label, plus image folders) or "class-folders"
-    classes: tuple[str, ...]  # names, in the order of the model's outputs
-    labels: tuple[str, ...]  # what a submission writes for each class (a table's label values)
-    class_counts: tuple[int, ...]  # labelled training + validation images per class
-    validation_images: int = 0  # from a labelled validation folder; 0: the kit draws a random split
-    test_images: int = 0
-    test_labelled: bool = False  # a class-folder test set the report can score
-    competition: str | None = None  # the Kaggle competition a submission goes to, if any
-    sample_submission: str | None = None  # its sample submission, relative to data/
-    skipped: dict = field(default_factory=dict)  # reason -> {"count": n, "examples": [paths]}
-
-    def __str__(self) -> str:
-        width = max(22, min(40, max(len(c) for c in self.classes)))
-        lines = [f"{self.origin} ({self.layout}): {len(self.classes)} classes", f"{'class':>5}  {'name':<{width}} "
-                 f"{'images':>6}"]
-        shown = list(enumerate(zip(self.classes, self.class_counts)))
-        for k, (name, n) in shown[:SHOWN_CLASSES]:
-            lines.append(f"{k:>5}  {name[:width]:<{width}} {n:>6}")
-        if len(shown) > SHOWN_CLASSES:
-            lines.append(f"{'':>5}  ... {len(shown) - SHOWN_CLASSES} more (all in {DESCRIPTION})")
-        lines.append(f"{'':>5}  {'labelled total':<{width}} {sum(self.class_counts):>6}")
-        if self.validation_images:
-            lines.append(f"{'':>5}  {'of which validation':<{width}} {self.validation_images:>6}")
-        kind = "test images (labelled)" if self.test_labelled else "test images"
-        lines.append(f"{'':>5}  {kind:<{width}} {self.test_images:>6}")
-        for reason, what in self.skipped.items():
-            lines.append(f"skipped {what['count']} {reason}: {', '.join(what['examples'][:3])}"
-                         + (" ..." if what["count"] > 3 else ""))
-        return "\n".join(lines)
-
-    def to_json(self) -> str:
-        return json.dumps({"format": 2, **dataclasses.asdict(self)}, indent=2, ensure_ascii=False)
-
-
-def competition_description(source: str = "unknown") -> Description:
-    """This competition as a work directory verified before descriptions existed knows it."""
-    return Description(source, COMPETITION, "table", COMPETITION_CLASSES,
-                       tuple(str(k) for k in range(len(COMPETITION_CLASSES))), (0,) * len(COMPETITION_CLASSES),
-                       competition=COMPETITION, sample_submission="sample-submission.csv")
-
-
-def read_description(workdir: Workdir) -> Description:
-    """The verified dataset's description; a message naming the download command when there is none."""
-    require_dataset(workdir)
-    path = workdir.data / DESCRIPTION
-    if not path.is_file():
-        return competition_description()
-    try:
-        saved = json.loads(path.read_text())
-        if saved.get("format") != 2:  # written by kit 0.2: this competition, with its classes
-            return competition_description(saved.get("source", "unknown"))
-        saved.pop("format")
-        for key in ("classes", "labels", "class_counts"):
-            saved[key] = tuple(saved[key])
-        return Description(**saved)
-    except (ValueError, TypeError, KeyError, AttributeError) as error:
-        raise damaged_data(workdir, path, error) from None
-
-
-def damaged_data(workdir: Workdir, path: Path, error: Exception) -> KitError:
-    """The paragraph for a damaged dataset.json or index.csv: the photos and the run are intact, the file is redone."""
-    return KitError(f"{path} is damaged ({type(error).__name__}: {error}). The photos beside it and the run's "
-                    f"weights are intact: run the kit.download command you downloaded with again, adding --force "
-                    f"(e.g. '{workdir.command('kit.download', '--force')}'); it verifies the data again and rewrites "
-                    "the file.")
-
-
-def is_verified(workdir: Workdir) -> bool:
-    return (workdir.data / DESCRIPTION).is_file() or (workdir.data / OLD_MARKER).is_file()
-
-
-def require_dataset(workdir: Workdir) -> None:
-    """Refuse to train or predict on a dataset that was not fully unpacked and verified."""
-    if not is_verified(workdir):
-        raise KitError(f"No verified dataset in {workdir.data}. Run '{workdir.command('kit.download')}' first "
-                       "(this competition, with Kaggle credentials; add --competition NAME or --dataset "
-                       "OWNER/SLUG for other Kaggle data, --zip ARCHIVE for an archive downloaded by hand, "
-                       "--from-dir DIR for a folder, or --synthetic for generated pictures).")
-
-
-# ---- describing what is in data/ ----------------------------------------------------------------
-
-def describe(workdir: Workdir, source: str, origin: str, competition: str | None = None) -> Description:
-    """Index and verify the data, then write index.csv and, last, dataset.json."""
-    data = workdir.data
-    if (data / IMAGES).is_dir():
-        layout, competition = "class-folders", None
-        index, classes, skipped = folder_index(data / IMAGES, data)
-        labels, sample = classes, None
-    else:
-        layout, competition, skipped = "table", competition or COMPETITION, {}
-        index, classes, labels, sample = table_index(data, competition)
-    labelled = index[index.Category.notna()]
-    counts = labelled[labelled.subset != "test"].Category.astype(int).value_counts()
-    test = index[index.subset == "test"]
-    description = Description(
-        source, origin, layout, tuple(classes), tuple(labels),
-        tuple(int(counts.get(k, 0)) for k in range(len(classes))), int((index.subset == "val").sum()),
-        len(test), bool(len(test)) and bool(test.Category.notna().all()), competition, sample, skipped)
-    (data / OLD_MARKER).unlink(missing_ok=True)
-    write_text(data / INDEX, index.to_csv(index=False))
-    write_text(data / DESCRIPTION, description.to_json())
-    return description
-
-
-def image_files(root: Path) -> Iterator[Path]:
-    """Every file under `root` (following a linked folder), in a stable order."""
-    for folder, dirs, files in os.walk(root, followlinks=True):
-        dirs.sort()
-        for name in sorted(files):
-            yield Path(folder) / name
-
-
-def is_hidden(relative: PurePosixPath) -> bool:
-    """Dot files and folders, and the __MACOSX folder zips made on a Mac carry."""
-    return any(part.startswith(".") or part == "__MACOSX" for part in relative.parts)
-
-
-def is_image(path: PurePosixPath) -> bool:
-    """By extension, as a folder is listed; decoding is checked later, and unreadable photos are listed then."""
-    return path.suffix.lower() in IMAGE_SUFFIXES
-
-
-def _child(folder: Path, names: Sequence[str]) -> Path | None:
-    """The subfolder of `folder` called any of `names`, ignoring case."""
-    for child in sorted(folder.iterdir()) if folder.is_dir() else ():
-        if child.is_dir() and child.name.lower() in names:
-            return child
-    return None
-
-
-def _has_class_folders(folder: Path) -> bool:
-    """At least one subfolder holding images directly."""
-    return any(child.is_dir() and not child.name.startswith(".") and any(
-        f.is_file() and is_image(PurePosixPath(f.name)) for f in child.iterdir()) for child in folder.iterdir())
-
-
-def find_split_root(root: Path, depth: int = 4) -> tuple[Path, dict[str, Path | None]]:
-    """The folder holding train/ (and val/, test/) or the class folders themselves, below any wrapper folders.
-
-    Archives often wrap the data (Stanford Cars' car_data/car_data/train/...), so the search goes
-    breadth first through single folders before deciding.
-    """
-    level = [root]
-    for _ in range(depth):
-        for folder in level:
-            train = _child(folder, SUBSET_NAMES["train"])
-            if train is not None and _has_class_folders(train):
-                return folder, {"train": train, "val": _child(folder, SUBSET_NAMES["val"]),
-                                "test": _child(folder, SUBSET_NAMES["test"])}
-        for folder in level:
-            if _has_class_folders(folder) and _child(folder, SUBSET_NAMES["train"]) is None:
-                return folder, {"train": folder, "val": None, "test": None}
-        level = [child for folder in level for child in sorted(folder.iterdir())
-                 if child.is_dir() and not is_hidden(PurePosixPath(child.name))]
-    raise KitError(f"No class folders were found in {root}: expected train/<class>/<photos> (with optional "
-                   "valid/<class>/ and test/<class>/ or test/<photos>), or <class>/<photos>. Point --from-dir "
-                   "or --zip at such a folder or archive.")
-
-
-def folder_index(root: Path, data: Path) -> tuple[pd.DataFrame, list[str], dict]:
-    """Every image of a class-folder dataset with its class and subset; skipped files counted by reason."""
-    split_root, subsets = find_split_root(root)
-    skipped: dict[str, list[str]] = defaultdict(list)
-    found: dict[str, dict[str, list[Path]]] = {}  # subset -> class ('' for unlabelled) -> files
-    for subset, folder in subsets.items():
-        if folder is None:
-            continue
-        found[subset] = defaultdict(list)
-        for path in image_files(folder):
-            relative = PurePosixPath(path.relative_to(folder).as_posix())
-            shown = (PurePosixPath(path.relative_to(split_root).as_posix()).as_posix()
-                     if folder != split_root else relative.as_posix())
-            if is_hidden(relative):
-                skipped["hidden files"].append(shown)
-            elif not is_image(relative):
-                skipped["files that are not images"].append(shown)
-            elif len(relative.parts) == 1:
-                if subset == "test":
-                    found[subset][""].append(path)
-                else:
-                    skipped["images outside a class folder"].append(shown)
-            elif len(relative.parts) == 2:
-                found[subset][unicodedata.normalize("NFC", relative.parts[0])].append(path)
-            else:
-                skipped["images in nested folders"].append(shown)
-    classes = sorted(name for name, files in found["train"].items() if files)
-    if len(classes) < 2:
-        raise KitError(f"{subsets['train']} has {len(classes)} class folder(s) with images; a classifier needs at "
-                       "least 2. Each class should be a folder of photos: train/<class>/<photo>.")
-    for subset in ("val", "test"):
-        unknown = sorted(set(found.get(subset, {})) - set(classes) - {""})
-        if unknown:
-            raise KitError(f"{subsets[subset]} has class folders that the training folder lacks: "
-                           f"{', '.join(unknown[:5])}. Every class of {subset} must also be a training class; "
-                           "rename or remove those folders.")
-    if "val" in found and found["val"].get(""):
-        raise KitError(f"{subsets['val']} holds photos outside class folders; validation photos need their class: "
-                       "put them in valid/<class>/.")
-    if "test" in found and found["test"].get("") and len(found["test"]) > 1:
-        raise KitError(f"{subsets['test']} mixes class folders and loose photos; use one or the other.")
-    number = {name: k for k, name in enumerate(classes)}
-    rows = [(path.relative_to(root).as_posix(), number.get(name), subset, path.relative_to(data).as_posix())
-            for subset, by_class in found.items() for name, files in sorted(by_class.items()) for path in files]
-    index = pd.DataFrame(rows, columns=["Id", "Category", "subset", "path"])
-    index["Category"] = index.Category.astype("Int64")
-    summary = {reason: {"count": len(paths), "examples": paths[:MAX_EXAMPLES]} for reason, paths in skipped.items()}
-    return index, classes, summary
-
-
-def find_tables(data: Path) -> tuple[Path, Path]:
-    """The training table and the sample submission of a competition, the shallowest of each."""
-    csvs = sorted(data.rglob("*.csv"), key=lambda p: (len(p.relative_to(data).parts), p.name))
-    csvs = [p for p in csvs if p.name not in (INDEX,) and not is_hidden(PurePosixPath(p.relative_to(data).as_posix()))]
-    samples = [p for p in csvs if "sample" in p.name.lower() or "submission" in p.name.lower()]
-    trains = [p for p in csvs if p.stem.lower() in ("train", "labels", "train_labels", "trainlabels")]
-    if not samples or not trains:
-        raise KitError(f"{data} is not laid out as a competition: it needs a training table (train.csv or "
-                       "labels.csv: image id, label) and a sample submission (sample_submission.csv). For a "
-                       "folder of class folders, give the folder itself to --from-dir or --zip.")
-    return trains[0], samples[0]
-
-
-def read_table(path: Path) -> pd.DataFrame:
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except Exception as error:
-        raise KitError(f"{path} cannot be read as CSV ({error}). Delete it and run the download again.") from None
-    if len(frame.columns) < 2:
-        raise KitError(f"{path} should have an image id column and a label column but has {list(frame.columns)}. "
-                       "Delete it and run the download again.")
-    return frame
-
-
-def ordered_labels(values) -> list[str]:
-    """Label values in a stable order: numerically when they are all integers, else alphabetically."""
-    values = sorted(set(values))
-    if all(v.lstrip("-").isdigit() for v in values):
-        return sorted(values, key=int)
-    return values
-
-
-def table_index(data: Path, competition: str) -> tuple[pd.DataFrame, list[str], list[str], str]:
-    """A competition's images: the training table's rows and the sample submission's, each with its file;
-    the classes, their label values, and where the sample submission is (relative to `data`)."""
-    train_csv, sample_csv = find_tables(data)
-    train, sample = read_table(train_csv), read_table(sample_csv)
-    id_column, label_column = train.columns[:2]
-    if competition == COMPETITION:
-        labels = [str(k) for k in range(len(COMPETITION_CLASSES))]
-        classes = list(COMPETITION_CLASSES)
-        outside = sorted(set(train[label_column]) - set(labels))
-        if outside:
-            raise KitError(f"The dataset in {data} is incomplete: {train_csv.name} has categories outside "
-                           f"0..{len(labels) - 1}: {outside[:5]}. It is not {COMPETITION}'s table: delete it and "
-                           f"run '{'python -m kit.download'}' again.")
-    else:
-        labels = ordered_labels(train[label_column])
-        classes = labels
-    files: dict[str, list[str]] = defaultdict(list)
-    for path in image_files(data):
-        relative = PurePosixPath(path.relative_to(data).as_posix())
-        if is_image(relative) and not is_hidden(relative):
-            files[relative.name].append(relative.as_posix())
-            files[relative.stem].append(relative.as_posix())  # tables often give ids without the extension
-    number = {label: k for k, label in enumerate(labels)}
-    rows, missing = [], defaultdict(list)
-    for image_id, label in zip(train[id_column], train[label_column]):
-        # The same name may sit in train/ and test/: prefer a folder named after the label, then not a test one.
-        candidates = sorted(files.get(image_id, []),
-                            key=lambda p: (label not in p.split("/")[:-1], "test" in p.lower()))
-        if candidates:
-            rows.append((image_id, number[label], "train", candidates[0]))
-        else:
-            missing["training"].append(f"{image_id} ({label})")
-    for image_id in sample[sample.columns[0]]:
-        candidates = sorted(files.get(image_id, []), key=lambda p: "test" not in p.lower())
-        if candidates:
-            rows.append((image_id, None, "test", candidates[0]))
-        else:
-            missing["test"].append(image_id)
-    if missing:
-        problems = [f"{len(ids)} {kind} images listed in the tables are missing (e.g. {ids[0]})"
-                    for kind, ids in missing.items()]
-        raise KitError(f"The dataset in {data} is incomplete: {'; '.join(problems)}. Run the download again to "
-                       "finish it.")
-    index = pd.DataFrame(rows, columns=["Id", "Category", "subset", "path"])
-    index["Category"] = index.Category.astype("Int64")
-    return index, classes, labels, sample_csv.relative_to(data).as_posix()
-
+from kit.synthetic import write_synthetic
 
 # ---- getting the files ---------------------------------------------------------------------------
 
@@ -365,8 +54,7 @@ def download(workdir: Workdir, api: KaggleClient | None = None, zip_path: Path |
         if not force:
             print(f"The dataset in {workdir.data} is already verified; nothing to do.")
             return held
-    for marker in (DESCRIPTION, OLD_MARKER):  # unverified while it changes
-        (workdir.data / marker).unlink(missing_ok=True)
+    mark_unverified(workdir)
     if from_dir is not None:
         source = "folder"
         place_folder(Path(from_dir), workdir.data)
@@ -593,8 +281,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = Workdir.resolve(args.workdir, profile)
     chosen = args.zip or args.from_dir or args.dataset or args.competition
     if args.synthetic or (profile.synthetic and not chosen):
-        from kit.synthetic import write_synthetic
-
         settings = {"per_class": 100, "test": 50, "size": (640, 480), **profile.synthetic}
         given = {"per_class": args.per_class, "test": args.test, "size": args.size and parse_size(args.size)}
         settings.update({k: v for k, v in given.items() if v is not None})

@@ -24,7 +24,7 @@ import pandas as pd
 
 from kit.cli import KitError, main_guard
 from kit.config import Workdir
-from kit.download import is_verified, read_description
+from kit.dataset import is_verified, read_description
 from kit.files import write_text
 from kit.predict import predictions_table, probability_table
 

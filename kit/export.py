@@ -24,13 +24,12 @@ import numpy as np
 
 from kit import __version__
 from kit.cli import EXIT_DONE, KitError, add_workdir, main_guard
-from kit.dataset import UnreadableImage, load_resized
+from kit.dataset import UnreadableImage, load_resized, read_test, scan_folder
 from kit.files import atomic_path, write_text
-from kit.predict import LoadedModel, Predictor, add_model_options, model_from_args, photos_in
+from kit.predict import METADATA, LoadedModel, OnnxModel, Predictor, add_model_options, model_from_args
 
 FORMATS = {"onnx": "model.onnx", "keras": "model.keras", "savedmodel": "savedmodel", "tflite": "model.tflite"}
 DEFAULT_FORMATS = ("onnx", "keras")
-METADATA = "model.json"
 TOLERANCE = 1e-4  # largest difference of any probability between the Keras model and an export
 CHECK_PHOTOS = 16
 
@@ -70,8 +69,6 @@ def write_format(model, fmt: str, path: Path) -> None:
 def exported_probabilities(fmt: str, path: Path, views: np.ndarray) -> np.ndarray:
     """Run the exported file itself, through the runtime that will serve it."""
     if fmt == "onnx":
-        from kit.predict import OnnxModel
-
         return OnnxModel(path).predict_on_batch(views)
     if fmt == "keras":
         import keras
@@ -118,7 +115,7 @@ def export(loaded: LoadedModel, folder: Path, formats: Sequence[str], photos: Se
             _remove(path)
             raise KitError(f"The {fmt} export differs from the Keras model by up to {difference:.2g} in a probability "
                            f"on {len(views)} photos (allowed: {TOLERANCE:g}), so it was removed. Export another format "
-                           "(--format), or train in float32 if the model was saved in mixed precision.")
+                           "(--format).")
     write_text(folder / METADATA, json.dumps(metadata(loaded, formats, differences, len(views)), indent=2,
                                              ensure_ascii=False))
     return differences
@@ -142,9 +139,7 @@ def photos_to_check(workdir, photos_dir: Path | None) -> list[Path]:
     if photos_dir is not None:
         if not Path(photos_dir).is_dir():
             raise KitError(f"--photos {photos_dir} is not a folder of photos.")
-        return photos_in(Path(photos_dir))[0][:CHECK_PHOTOS]
-    from kit.dataset import read_test
-
+        return scan_folder(Path(photos_dir)).paths[:CHECK_PHOTOS]
     return [Path(p) for p in read_test(workdir).path[:CHECK_PHOTOS]]
 
 
@@ -152,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kit.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workdir(parser)
-    add_model_options(parser, serving=False)
+    add_model_options(parser, precision=False)  # float32 whatever the machine: the file is served on CPUs
     parser.add_argument("--format", nargs="+", choices=sorted(FORMATS), default=list(DEFAULT_FORMATS),
                         help=f"what to write (default: {' '.join(DEFAULT_FORMATS)})")
     parser.add_argument("--out", type=Path, help="folder to write to (default: <workdir>/weights/export)")

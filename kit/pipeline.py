@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
+import pandas as pd
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -42,11 +43,6 @@ _EXIF_ORIENTATION = 0x0112
 
 def cache_short_side(image_size: int) -> int:
     return round(image_size * CACHE_SCALE)
-
-
-def default_cache_root(workdir_cache: Path) -> Path:
-    """$KIT_CACHE_DIR when set (e.g. Colab's local disk, which is faster than Drive), else the work directory's."""
-    return Path(os.environ.get("KIT_CACHE_DIR") or workdir_cache)
 
 
 def fingerprint(paths: Sequence[str], short_side: int) -> str:
@@ -229,15 +225,40 @@ def cache_is_complete(cache_root: Path, name: str, image_size: int) -> bool:
 
 
 def open_training_cache(cache_root: Path, split: Split, image_size: int, workers: int = DEFAULT_WORKERS,
-                        deadline: float = math.inf) -> tuple[ImageCache, dict[str, int]]:
-    """One cache for the training and validation images, and each path's position in it.
+                        deadline: float = math.inf,
+                        test_paths: Sequence[str] = ()) -> tuple[ImageCache | Joined, dict[str, int]]:
+    """The images a run trains and validates on, and each path's position among them.
 
-    Training, validation and the report must list the paths in the same order, or the
-    fingerprint would differ and the cache would be rebuilt.
+    Every command opens the same two caches per size, so none rebuilds another's: "train" holds
+    every labelled photo in the dataset's order, whatever the split, and "test" every test photo
+    (`test_paths`, as kit.predict lists them). Pseudo-labelled test photos are read from the test
+    cache, so a pseudo-label run, the prediction and the report share both.
     """
-    cache = open_cache(cache_root, "train", list(split.train.path) + list(split.val.path), image_size, workers,
-                       deadline=deadline)
+    labelled = pd.concat([split.train, split.val])
+    pseudo = labelled[labelled.subset == "pseudo"]
+    labelled = labelled[labelled.subset != "pseudo"].sort_values("row")
+    cache = open_cache(cache_root, "train", list(labelled.path), image_size, workers, deadline=deadline)
+    if len(pseudo):  # read_pseudo_labels has made sure they are test photos
+        cache = Joined([cache, open_cache(cache_root, "test", list(test_paths), image_size, workers,
+                                          deadline=deadline)])
     return cache, {path: k for k, path in enumerate(cache.paths)}
+
+
+class Joined:
+    """Several caches read as one, positions counted through them in order (the training and test caches)."""
+
+    def __init__(self, caches: Sequence[ImageCache]):
+        self.caches = list(caches)
+        self.paths = [path for cache in self.caches for path in cache.paths]
+        self.unreadable = {path: why for cache in self.caches for path, why in cache.unreadable.items()}
+        self.starts = np.cumsum([0] + [len(cache) for cache in self.caches])
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        which = int(np.searchsorted(self.starts, index, side="right")) - 1
+        return self.caches[which][index - int(self.starts[which])]
 
 
 class Uncached:

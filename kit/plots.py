@@ -8,12 +8,12 @@ from typing import Sequence
 
 import numpy as np
 
+from kit.files import atomic_path
+
 os.environ.setdefault("MPLBACKEND", "Agg")  # no display on Colab's runtime or in CI
 
 
 def _save(figure, path: Path) -> None:
-    from kit.files import atomic_path
-
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
 

@@ -17,29 +17,28 @@ nothing is ever silently incomplete.
 from __future__ import annotations
 
 import argparse
-import threading
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
-from PIL import Image
-from tqdm.auto import tqdm
 
-from kit.augment import plain_transform, tta_transform, tta_views
-from kit.cli import KitError, add_workdir, main_guard
+from kit import checkpoint
+from kit.cli import KitError, add_cache_dir, add_workdir, main_guard
 from kit.config import FINAL_FIT_STEP, PROFILES, SEED, STEPS, TTA_VIEWS, VAL_FRACTION, Workdir, stage_of
-from kit.dataset import UnreadableImage, drop_unreadable, load_resized, load_split, read_test, read_train
-from kit.devices import cache_compilations
-from kit.download import is_hidden, is_image, image_files, read_description
-from kit.files import write_text
-from kit.pipeline import (DEFAULT_WORKERS, Uncached, cache_short_side, default_cache_root, open_cache,
-                          open_training_cache, ordered_map)
+from kit.dataset import drop_unreadable, load_split, read_description, read_test, read_train, scan_folder
+from kit.devices import cache_compilations, choose_precision
+from kit.files import sha256, write_text
+from kit.inference import VIEWS_PER_BATCH, Predictor, Subset, predict_labelled, score
+from kit.manifest import Manifest
+from kit.pipeline import DEFAULT_WORKERS, Uncached, open_cache, open_training_cache
+from kit.records import RunConfig
 
+METADATA = "model.json"  # beside an exported model (kit.export writes it): its classes, image size, stage
 SUBMISSION, PREDICTIONS = "submission.csv", "predictions.csv"  # under <workdir>/submissions
 VALIDATION_PROBABILITIES = "validation_probabilities.csv"  # under <workdir>/submissions/report
-VIEWS_PER_BATCH = 32  # model inputs per forward pass; the views of one image always travel together
 
 
 @dataclass
@@ -52,6 +51,7 @@ class LoadedModel:
     source: Path
     classes: tuple[str, ...]  # the model's outputs, in order, as the run was trained on them
     final_fit: bool = False  # trained on the validation images too: its validation score is not held out
+    config: RunConfig | None = None  # the run it was trained in (seed, split), from the weights file; None for ONNX
 
     def describe(self) -> str:
         stage = f"stage {self.stage}" if self.stage else "custom weights"
@@ -65,44 +65,33 @@ class LoadedModel:
         return not isinstance(self.model, OnnxModel)
 
 
-def last_finished_stage(workdir: Workdir) -> int | None:
-    from kit.stages import stage_status
-
-    done = [step for step in (*STEPS, FINAL_FIT_STEP) if stage_status(workdir, step) == "done"]
-    return max(done) if done else None
-
-
 def weights_path(workdir: Workdir, weights: Path | None = None, stage: int | None = None) -> Path:
     """The weights file to use; a message naming the command that makes them when there are none."""
-    from kit.stages import best_weights, stage_status
-
     if weights is not None:
         if not Path(weights).is_file():
             raise KitError(f"--weights {weights} does not exist. Give a best.weights.npz written by "
                            "'python -m kit.stage' (under weights/stage_N/).")
         return Path(weights)
+    manifest = Manifest.read(workdir)
     if stage is not None:
-        if stage_status(workdir, stage) != "done":
+        if manifest.status(stage) != "done":
             raise KitError(f"Stage {stage} is not done in {workdir}, so it has no best weights yet. Run "
                            f"'{workdir.command('kit.stage', '--step', str(stage))}' (see "
                            f"'{workdir.command('kit.stage', '--status')}').")
-        return best_weights(workdir, stage)
-    stage = last_finished_stage(workdir)
+        return manifest.best_weights(stage)
+    stage = manifest.last_finished()
     if stage is None:
         raise KitError(f"No trained weights in {workdir.weights}. Train first with "
                        f"'{workdir.command('kit.stage', '--all')}' (or 'python -m kit --smoke' for a quick run), or "
                        "pass --weights PATH.")
-    return best_weights(workdir, stage)
+    return manifest.best_weights(stage)
 
 
 def load_model(path: Path, image_size: int | None = None, precision: str = "auto") -> LoadedModel:
     """Rebuild the model a weights file was trained as (its config travels inside it) and load it."""
     import keras
 
-    from kit import checkpoint
-    from kit.backbones import build_model
-    from kit.devices import choose_precision
-    from kit.stages import RunConfig
+    from kit.backbones import build_model  # late, as Keras: ONNX serving and the CSV commands never load it
 
     try:
         arrays, state = checkpoint.read(path)
@@ -119,7 +108,7 @@ def load_model(path: Path, image_size: int | None = None, precision: str = "auto
     except checkpoint.IncompatibleCheckpoint as error:
         raise KitError(str(error)) from None
     return LoadedModel(model, config.backbone, step, size, state.get("val_accuracy"), path, config.classes,
-                       bool(state.get("final_fit")))
+                       bool(state.get("final_fit")), config)
 
 
 class OnnxModel:
@@ -137,10 +126,6 @@ class OnnxModel:
 
 def load_onnx(path: Path) -> LoadedModel:
     """An ONNX file written by kit.export, with the model.json beside it that names its classes and size."""
-    import json
-
-    from kit.export import METADATA
-
     path = Path(path)
     if not path.is_file() or path.suffix != ".onnx":
         raise KitError(f"--model {path} is not an .onnx file. Write one with 'python -m kit.export' (it goes to "
@@ -153,73 +138,6 @@ def load_onnx(path: Path) -> LoadedModel:
                        "model, with the class names and image size the model needs. Export again.") from None
     return LoadedModel(OnnxModel(path), meta.get("backbone", "?"), meta.get("stage"), size, meta.get("val_accuracy"),
                        path, classes, bool(meta.get("final_fit")))
-
-
-class Predictor:
-    """Class probabilities for photos, averaged over TTA views that are predicted in one batch."""
-
-    def __init__(self, loaded: LoadedModel, tta: int = TTA_VIEWS, seed: int = SEED, workers: int = DEFAULT_WORKERS,
-                 batch_views: int = VIEWS_PER_BATCH):
-        self.loaded, self.views, self.seed, self.workers = loaded, max(1, tta), seed, workers
-        self.batch_views = batch_views  # model inputs per forward pass (whole images' views; at least one image)
-        self.short_side = cache_short_side(loaded.image_size)
-
-    def views_of(self, image: np.ndarray, key: str, transforms: tuple | None = None) -> np.ndarray:
-        plain, extra = transforms or (plain_transform(self.loaded.image_size), tta_transform(self.loaded.image_size))
-        return tta_views(image, self.loaded.image_size, self.views, key, self.seed, plain, extra)
-
-    def predict_views(self, views: np.ndarray) -> np.ndarray:
-        """(images * views, size, size, 3) uint8 -> (images, classes), the views' mean."""
-        probs = np.asarray(self.loaded.model.predict_on_batch(views), np.float64)
-        return probs.reshape(-1, self.views, len(self.loaded.classes)).mean(axis=1)
-
-    def predict_image(self, source: str | Path | Image.Image, key: str = "upload") -> np.ndarray:
-        """One photo (a path or a PIL image) -> probabilities; raises UnreadableImage."""
-        return self.predict_views(self.views_of(load_resized(source, self.short_side), key))[0]
-
-    def rank(self, source: str | Path | Image.Image, key: str = "upload") -> list[tuple[str, float]]:
-        """Every car model with its probability, most likely first: the kit's answer for one photo."""
-        probs = self.predict_image(source, key)
-        return [(self.loaded.classes[k], float(probs[k])) for k in np.argsort(-probs, kind="stable")]
-
-    def predict_many(self, images, keys: Sequence[str], progress: bool = True) -> tuple[np.ndarray, dict[str, str]]:
-        """Probabilities for images[i] (a cache or anything indexable), keyed by keys[i] for the TTA draws.
-
-        Returns the probabilities (NaN rows for unreadable images) and {key: why} for those.
-        """
-        per_batch = max(1, self.batch_views // self.views)
-        chunks = [range(start, min(start + per_batch, len(keys))) for start in range(0, len(keys), per_batch)]
-        probs = np.full((len(keys), len(self.loaded.classes)), np.nan)
-        unreadable: dict[str, str] = {}
-        local = threading.local()  # one pair of transforms per thread: reseeding a shared one would race
-
-        def prepare(chunk: range) -> tuple[list[int], np.ndarray | None, int]:
-            if not hasattr(local, "transforms"):
-                local.transforms = (plain_transform(self.loaded.image_size), tta_transform(self.loaded.image_size))
-            transforms = local.transforms
-            rows, stacks = [], []
-            for i in chunk:
-                try:
-                    stacks.append(self.views_of(images[i], keys[i], transforms))
-                    rows.append(i)
-                except UnreadableImage as error:
-                    unreadable[keys[i]] = str(error)
-            return rows, np.concatenate(stacks) if stacks else None, len(chunk)
-
-        with tqdm(total=len(keys), desc=f"predicting (TTA {self.views})", disable=not progress, mininterval=1.0) as bar:
-            for rows, views, done in ordered_map(prepare, chunks, self.workers):
-                if views is not None:
-                    probs[rows] = self.predict_views(views)
-                bar.update(done)
-        return probs, unreadable
-
-
-def run_seed(workdir: Workdir) -> int:
-    """The seed the run in `workdir` trained with (TTA draws use it too), or the default seed."""
-    from kit.stages import read_manifest
-
-    config = read_manifest(workdir)["config"]
-    return config["seed"] if config else SEED
 
 
 def class_prior(workdir: Workdir, num_classes: int) -> np.ndarray:
@@ -254,27 +172,32 @@ def labelled_probability_table(keys: Sequence[str], probs: np.ndarray, labels: n
 
 def validation_set(workdir: Workdir, loaded: LoadedModel, workers: int):
     """The run's validation images from the training cache, their Ids, labels and files."""
-    from kit.stages import read_manifest
-
-    config = read_manifest(workdir)["config"] or {}
-    split = load_split(workdir, config.get("val_fraction", VAL_FRACTION), config.get("seed", SEED),
-                       config.get("fold", ""))
-    cache, position = open_training_cache(default_cache_root(workdir.cache), split, loaded.image_size, workers)
+    config = loaded.config
+    split = load_split(workdir, config.val_fraction if config else VAL_FRACTION, config.seed if config else SEED,
+                       config.fold if config else "")
+    cache, position = open_training_cache(workdir.cache, split, loaded.image_size, workers)
     val = drop_unreadable(split.val, cache.unreadable, "validation")
     return Subset(cache, [position[p] for p in val.path]), list(val.Id), val.Category.to_numpy(), list(val.path)
 
 
-class Subset:
-    """Images of a cache at given positions, indexable from 0."""
+def validation_probabilities(workdir: Workdir, loaded: LoadedModel, views: int, seed: int,
+                             workers: int = DEFAULT_WORKERS, batch_views: int = VIEWS_PER_BATCH):
+    """The validation photos' probabilities with `views` views, computed once per model, view count and seed.
 
-    def __init__(self, images, positions: list[int]):
-        self.images, self.positions = images, positions
-
-    def __getitem__(self, index: int) -> np.ndarray:
-        return self.images[self.positions[index]]
-
-    def __len__(self) -> int:
-        return len(self.positions)
+    kit.predict and kit.report both score the validation photos (a notebook runs one after the
+    other): the probabilities are kept in report/validation_views<N>.npz with what they belong to
+    (the weights file's sha256, the seed, the photos), and reused while all of it is unchanged.
+    Returns (probabilities, unreadable, keys, labels).
+    """
+    images, keys, labels, _ = validation_set(workdir, loaded, workers)
+    path = workdir.report / f"validation_views{max(views, 1)}.npz"
+    made_of = {"weights": sha256(loaded.source), "seed": seed, "image_size": loaded.image_size, "keys": keys}
+    stored = checkpoint.read_state(path) or {}
+    if stored.get("made_of") == made_of:
+        return checkpoint.read(path)[0]["probs"], stored["unreadable"], keys, labels
+    probs, unreadable, _ = predict_labelled(loaded, images, keys, labels, views, seed, workers, batch_views)
+    checkpoint.write_arrays(path, {"probs": probs}, {"made_of": made_of, "unreadable": unreadable})
+    return probs, unreadable, keys, labels
 
 
 def predict_validation(workdir: Workdir, loaded: LoadedModel, tta: int = TTA_VIEWS, seed: int = SEED,
@@ -284,20 +207,30 @@ def predict_validation(workdir: Workdir, loaded: LoadedModel, tta: int = TTA_VIE
     Skipped for a final-fit model, which trained on those photos (an older file is removed rather
     than left to describe another model), and where no run in the work directory owns a split.
     """
-    from kit.stages import read_manifest
-
     path = workdir.report / VALIDATION_PROBABILITIES
     if loaded.final_fit:
         path.unlink(missing_ok=True)
         return "Validation not predicted: the final fit trained on those photos."
-    if read_manifest(workdir)["config"] is None:
+    if not workdir.split_csv.is_file():
         return f"Validation not predicted: no run in {workdir} holds a validation split."
-    images, keys, labels, _ = validation_set(workdir, loaded, workers)
-    probs, _ = Predictor(loaded, tta, seed, workers, batch_views).predict_many(images, keys)
+    probs, _, keys, labels = validation_probabilities(workdir, loaded, tta, seed, workers, batch_views)
     write_text(path, labelled_probability_table(keys, probs, labels, loaded.classes).to_csv(index=False))
-    scored = ~np.isnan(probs).any(axis=1)
-    accuracy = float((probs[scored].argmax(axis=1) == labels[scored]).mean())
-    return f"Validation accuracy (TTA {tta}): {accuracy:.4f}; probabilities in {path} (for kit.ensemble)"
+    return (f"Validation accuracy (TTA {tta}): {score(probs, labels).accuracy:.4f}; probabilities in {path} (for "
+            "kit.ensemble)")
+
+
+def expected_seconds(workdir: Workdir, loaded: LoadedModel, tta: int, validation_too: bool = True) -> float:
+    """What predicting the test photos (and the validation ones) with `tta` views takes, by the stages' timings.
+
+    A stage times its validation (one view per photo) at each size; prediction is that per view.
+    0 when nothing was measured at this size (a run trained elsewhere).
+    """
+    measured = Manifest.read(workdir).costs.get("by_size", {}).get(str(loaded.image_size), {}).get("validation")
+    if not measured or not workdir.split_csv.is_file():
+        return 0.0
+    validation = int((pd.read_csv(workdir.split_csv).fold == "val").sum())
+    photos = len(read_test(workdir)) + (validation if validation_too else 0)
+    return measured / max(validation, 1) * max(tta, 1) * photos
 
 
 def check_classes(workdir: Workdir, loaded: LoadedModel) -> None:
@@ -311,7 +244,7 @@ def check_classes(workdir: Workdir, loaded: LoadedModel) -> None:
 
 
 def predict_test(workdir: Workdir, loaded: LoadedModel, tta: int = TTA_VIEWS, seed: int = SEED,
-                 workers: int = DEFAULT_WORKERS, cache_dir: Path | None = None,
+                 workers: int = DEFAULT_WORKERS,
                  batch_views: int = VIEWS_PER_BATCH) -> tuple[pd.DataFrame, dict[str, str], Path]:
     """The test set's predictions, written; returns the written table, the unreadable Ids and the file.
 
@@ -324,8 +257,7 @@ def predict_test(workdir: Workdir, loaded: LoadedModel, tta: int = TTA_VIEWS, se
     if test.empty:
         raise KitError(f"The dataset in {workdir.data} has no test images. Name the photos of any folder with "
                        f"'{workdir.command('kit.predict', '--folder', 'DIR')}'.")
-    cache_root = cache_dir or default_cache_root(workdir.cache)
-    cache = open_cache(cache_root, "test", list(test.path), loaded.image_size, workers)
+    cache = open_cache(workdir.cache, "test", list(test.path), loaded.image_size, workers)
     probs, unreadable = Predictor(loaded, tta, seed, workers, batch_views).predict_many(cache, list(test.Id))
     if description.sample_submission is None:
         table = predictions_table(test.Id, probs, loaded.classes, "Id")
@@ -343,28 +275,18 @@ def predict_test(workdir: Workdir, loaded: LoadedModel, tta: int = TTA_VIEWS, se
     return submission, unreadable, workdir.submissions / SUBMISSION
 
 
-def photos_in(folder: Path) -> tuple[list[Path], list[str]]:
-    """Every image file under `folder` (nested too), and the other files, which are skipped."""
-    photos, skipped = [], []
-    for path in image_files(folder):
-        relative = path.relative_to(folder)
-        if is_hidden(relative) or not is_image(relative):
-            skipped.append(relative.as_posix())
-        else:
-            photos.append(path)
-    return photos, skipped
-
-
 def predict_folder(folder: Path, loaded: LoadedModel, out: Path, tta: int = TTA_VIEWS, seed: int = SEED,
                    workers: int = DEFAULT_WORKERS,
                    batch_views: int = VIEWS_PER_BATCH) -> tuple[pd.DataFrame, dict[str, str]]:
     """predictions.csv for every photo under `folder` (paths relative to it); returns it and the unreadable."""
     if not Path(folder).is_dir():
         raise KitError(f"--folder {folder} is not a folder. Give a folder of photos (subfolders are searched too).")
-    photos, skipped = photos_in(Path(folder))
+    scan = scan_folder(Path(folder))
+    skipped = [path for paths in scan.skipped.values() for path in paths]
     if skipped:
         print(f"Skipped {len(skipped)} files that are not images: {', '.join(skipped[:5])}"
               + (" ..." if len(skipped) > 5 else ""))
+    photos = scan.paths
     if not photos:
         raise KitError(f"No photos (.jpg, .png, .webp, ...) were found under {folder}.")
     keys = [p.relative_to(folder).as_posix() for p in photos]
@@ -376,8 +298,13 @@ def predict_folder(folder: Path, loaded: LoadedModel, out: Path, tta: int = TTA_
     return table, unreadable
 
 
-def add_model_options(parser: argparse.ArgumentParser, serving: bool = False) -> None:
-    """Which model to load: shared by predict, report, export and demo (`serving`: an exported ONNX file too)."""
+def add_model_options(parser: argparse.ArgumentParser, serving: bool = False, precision: bool = True) -> None:
+    """Which model to load: shared by predict, report, export and demo (`serving`: an exported ONNX file too).
+
+    Without `precision` the model is always built in float32 (export, the demo): its weights are
+    float32 whatever the machine, and a mixed-precision graph is slower on a CPU and, in bfloat16,
+    cannot run on ONNX Runtime's CPU provider at all.
+    """
     which = parser.add_mutually_exclusive_group()
     if serving:
         which.add_argument("--model", type=Path, metavar="FILE.onnx",
@@ -388,22 +315,26 @@ def add_model_options(parser: argparse.ArgumentParser, serving: bool = False) ->
     parser.add_argument("--image-size", type=int, help="default: the size that stage trained at")
     parser.add_argument("--tta", type=int, default=TTA_VIEWS, help=f"views per image, 0 for none (default {TTA_VIEWS})")
     parser.add_argument("--seed", type=int, help="seed of the TTA draws (default: the run's seed)")
-    parser.add_argument("--precision", choices=["auto", "float32", "mixed_float16", "mixed_bfloat16"], default="auto",
-                        help="auto: mixed precision on a GPU, float32 on a CPU")
+    if precision:
+        parser.add_argument("--precision", choices=["auto", "float32", "mixed_float16", "mixed_bfloat16"],
+                            default="auto", help="auto: mixed precision on a GPU, float32 on a CPU")
+    add_cache_dir(parser)
 
 
 def model_from_args(args: argparse.Namespace) -> tuple[Workdir, LoadedModel]:
-    workdir = Workdir.resolve(args.workdir, PROFILES[args.profile])
+    workdir = Workdir.resolve(args.workdir, PROFILES[args.profile], args.cache_dir)
     if args.tta < 0:
         raise KitError("--tta is a number of views: 0 (none) or more.")
     if getattr(args, "model", None) is not None:
         if args.seed is None:
             args.seed = SEED
         return workdir, load_onnx(args.model)
-    if args.seed is None:
-        args.seed = run_seed(workdir)
-    cache_compilations(default_cache_root(workdir.cache))
-    return workdir, load_model(weights_path(workdir, args.weights, args.stage), args.image_size, args.precision)
+    cache_compilations(workdir.compiled)
+    loaded = load_model(weights_path(workdir, args.weights, args.stage), args.image_size,
+                        getattr(args, "precision", "float32"))
+    if args.seed is None:  # the run's seed: TTA draws as its training did
+        args.seed = loaded.config.seed
+    return workdir, loaded
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -450,7 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for key, why in unreadable.items():
             print(f"  {key}: {why}")
         return 1
-    if submitted:
+    if submitted and read_description(workdir).source != "synthetic":  # kit.submit refuses synthetic pictures
         print(f"Next: {workdir.command('kit.submit', '--message', repr('your note'))}")
     return 0
 

@@ -19,15 +19,18 @@ from typing import Sequence
 
 import numpy as np
 
+from kit.cam import explain, overlay
 from kit.cli import KitError, add_workdir, main_guard
 from kit.config import FINAL_FIT_STEP, STEPS, Workdir
-from kit.dataset import load_resized, read_test
-from kit.download import is_hidden, is_image, image_files, read_description
+from kit.dataset import load_resized, read_description, read_test, scan_folder
 from kit.files import write_text
-from kit.pipeline import DEFAULT_WORKERS, Uncached, cache_short_side, default_cache_root, open_cache
+from kit.inference import Predictor, score
+from kit.manifest import read_log
+from kit.pipeline import DEFAULT_WORKERS, Uncached, cache_short_side, open_cache
 from kit.plots import plot_confusion, plot_curves, plot_gallery
-from kit.predict import (VALIDATION_PROBABILITIES, LoadedModel, Predictor, add_model_options, check_classes,
-                         labelled_probability_table, model_from_args, validation_set)
+from kit.predict import (VALIDATION_PROBABILITIES, LoadedModel, add_model_options, check_classes,
+                         labelled_probability_table, model_from_args, validation_probabilities,
+                         validation_set)
 
 TOP_LOSSES = 16  # photos in the gallery: a 4x4 grid
 GALLERY_SIDE = 192  # the gallery shows the photo itself (shorter side in pixels), not the model's crop
@@ -58,8 +61,6 @@ def classification_report(rows: list[dict], accuracy: float) -> str:
 
 
 def stage_histories(workdir: Workdir) -> dict[str, list[dict]]:
-    from kit.stages import read_log
-
     histories = {}
     for step in (*STEPS, FINAL_FIT_STEP):
         history = read_log(workdir, step)
@@ -68,20 +69,20 @@ def stage_histories(workdir: Workdir) -> dict[str, list[dict]]:
     return histories
 
 
-def evaluate(loaded: LoadedModel, images, keys: Sequence[str], labels: np.ndarray, tta: int, seed: int,
-             workers: int) -> tuple[dict, np.ndarray]:
-    """Accuracy with one view and with `tta` views; the last one's matrix, per-class figures and probabilities."""
+def evaluate(loaded: LoadedModel, predictions, labels: np.ndarray, tta: int) -> tuple[dict, np.ndarray]:
+    """Accuracy with one view and with `tta` views; the last one's matrix, per-class figures and probabilities.
+
+    `predictions(views)` gives (probabilities, unreadable) for the section's photos.
+    """
     results = {}
     for views in sorted({1, max(tta, 1)}):
-        probs, unreadable = Predictor(loaded, views, seed, workers).predict_many(images, list(keys))
-        scored = ~np.isnan(probs).any(axis=1)  # an unreadable photo is listed, not scored
-        predicted = probs[scored].argmax(axis=1)
+        probs, unreadable = predictions(views)
         name = "no TTA" if views == 1 else f"TTA {views}"
-        results[name] = {"accuracy": float((predicted == labels[scored]).mean()), "images": int(scored.sum()),
-                         "unreadable": unreadable, "labels": labels[scored], "predicted": predicted, "probs": probs}
+        results[name] = {"scores": score(probs, labels), "unreadable": unreadable, "probs": probs}
     best = results[list(results)[-1]]
-    matrix, rows = per_class(best["labels"], best["predicted"], loaded.classes)
-    return {"accuracy": {name: r["accuracy"] for name, r in results.items()}, "images": best["images"],
+    scores = best["scores"]
+    matrix, rows = per_class(labels[scores.scored], scores.predicted, loaded.classes)
+    return {"accuracy": {name: r["scores"].accuracy for name, r in results.items()}, "images": scores.images,
             "best": list(results)[-1], "per_class": rows, "confusion_matrix": matrix.tolist(),
             "unreadable": best["unreadable"]}, best["probs"]
 
@@ -99,8 +100,6 @@ def write_top_losses(loaded: LoadedModel, probs: np.ndarray, labels: np.ndarray,
 
     Over each photo, Grad-CAM of the predicted class (kit.cam): what the model took for evidence.
     """
-    from kit.cam import explain, overlay
-
     classes, rows = loaded.classes, top_losses(probs, labels, count)
     photos = [load_resized(paths[k], GALLERY_SIDE) for k in rows]
     if loaded.has_gradients:
@@ -120,14 +119,11 @@ def labelled_folder(folder: Path, classes: Sequence[str]) -> tuple[list[str], np
         raise KitError(f"--test-dir {folder} is not a folder. Give a folder of class folders: DIR/<class>/<photos>.")
     number = {name: k for k, name in enumerate(classes)}
     paths, labels, unknown = [], [], set()
-    for path in image_files(folder):
-        relative = path.relative_to(folder)
-        if len(relative.parts) != 2 or is_hidden(relative) or not is_image(relative):
-            continue
+    for relative in scan_folder(folder, class_folders=True, loose=False).images:
         if relative.parts[0] not in number:
             unknown.add(relative.parts[0])
             continue
-        paths.append(str(path))
+        paths.append(str(folder / relative))
         labels.append(number[relative.parts[0]])
     if unknown:
         raise KitError(f"{folder} has class folders the model was not trained on: {', '.join(sorted(unknown)[:5])}. "
@@ -146,7 +142,7 @@ def test_set(workdir: Workdir, loaded: LoadedModel, workers: int, test_dir: Path
     if not read_description(workdir).test_labelled:
         return None
     test = read_test(workdir)
-    cache = open_cache(default_cache_root(workdir.cache), "test", list(test.path), loaded.image_size, workers)
+    cache = open_cache(workdir.cache, "test", list(test.path), loaded.image_size, workers)
     return cache, list(test.Id), test.Category.to_numpy(int), list(test.path), "the dataset's test folder"
 
 
@@ -162,7 +158,13 @@ def write_report(workdir: Workdir, loaded: LoadedModel, tta: int, seed: int, wor
     metrics = {"model": loaded.describe(), "classes": list(loaded.classes), "final_fit": loaded.final_fit}
     summary = [f"Model: {loaded.describe()}"]
     for name, (images, keys, labels, paths) in sections.items():
-        result, probs = evaluate(loaded, images, keys, labels, tta, seed, workers)
+        if name == "validation":  # scored once per model and view count: kit.predict may have done it already
+            def predictions(views: int):
+                return validation_probabilities(workdir, loaded, views, seed, workers)[:2]
+        else:
+            def predictions(views: int, images=images, keys=keys):
+                return Predictor(loaded, views, seed, workers).predict_many(images, list(keys))
+        result, probs = evaluate(loaded, predictions, labels, tta)
         result["held_out"] = not (name == "validation" and loaded.final_fit)
         metrics[name] = result
         if result["held_out"]:  # with the true class, for kit.ensemble to score combinations on the same photos

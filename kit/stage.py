@@ -26,9 +26,14 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-from kit.cli import EXIT_DONE, EXIT_STOPPED, KitError, add_workdir, main_guard, workdir_lock
-from kit.config import BATCHNORM, FINAL_FIT_STEP, PROFILES, SCHEDULES, STEPS, TrainingOptions, Workdir
+from kit.cli import EXIT_DONE, EXIT_STOPPED, KitError, add_cache_dir, add_workdir, main_guard, workdir_lock
+from kit.config import BATCHNORM, FINAL_FIT_STEP, PROFILES, SCHEDULES, STEPS, Profile, TrainingOptions, Workdir
+from kit.dataset import parse_fold, read_description, read_pseudo_labels
+from kit.devices import ALL, choose_count, device_names, request_cpu_devices, request_determinism
+from kit.files import sha256, write_bytes
+from kit.manifest import Manifest, copy_run, read_log, status_table
 from kit.pipeline import DEFAULT_WORKERS
+from kit.records import Budget, Execution, Requested, StagePlan, final_fit_plan, run_config, stage_plan
 
 STAGE_OVERRIDES = ("image_size", "batch_size", "lr", "epochs", "steps_per_epoch")
 
@@ -91,7 +96,7 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
                           "determinism; JAX's XLA deterministic GPU ops (its CPU kernels are already); not "
                           "available on the torch backend")
     how.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="CPU threads for loading and augmenting")
-    how.add_argument("--cache-dir", type=Path, help="image cache folder (default: $KIT_CACHE_DIR or <workdir>/cache)")
+    add_cache_dir(how)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,11 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def requested_from(args: argparse.Namespace):
-    from kit.dataset import parse_fold
-    from kit.files import sha256
-    from kit.run import Requested
-
+def requested_from(args: argparse.Namespace) -> Requested:
     overrides = {name: getattr(args, name, None) for name in STAGE_OVERRIDES}
     check_stage_overrides(overrides)
     if args.fold:
@@ -174,23 +175,17 @@ def training_options(args: argparse.Namespace) -> dict:
     return given
 
 
-def execution_from(args: argparse.Namespace):
-    from kit.devices import choose_count, device_names
-    from kit.run import Budget, Execution
-
+def execution_from(args: argparse.Namespace) -> Execution:
     if args.time_budget is not None and args.time_budget <= 0:
         raise KitError("--time-budget is in minutes and must be positive.")
     return Execution(resume=getattr(args, "resume", False), restart=getattr(args, "restart", False),
                      budget=Budget.minutes(args.time_budget), save_every=args.save_every,
                      devices=choose_count(args.devices, len(device_names())), precision=args.precision,
-                     jit=args.jit, deterministic=args.deterministic, workers=max(1, args.workers),
-                     cache_dir=args.cache_dir)
+                     jit=args.jit, deterministic=args.deterministic, workers=max(1, args.workers))
 
 
 def prepare_devices(args: argparse.Namespace) -> None:
     """--devices N on a machine without accelerators (and --deterministic): set before the backend starts."""
-    from kit.devices import ALL, request_cpu_devices, request_determinism
-
     if getattr(args, "deterministic", False):
         request_determinism()
     if args.devices != ALL:
@@ -199,49 +194,50 @@ def prepare_devices(args: argparse.Namespace) -> None:
         request_cpu_devices(int(args.devices))
 
 
-def plans_for_all(workdir: Workdir, profile, requested) -> list:
+def plans_for_all(manifest: Manifest, profile: Profile, requested: Requested) -> list[StagePlan]:
     """Each stage's plan: the saved one where the stage has started, else the table's row."""
-    from kit import run, stages
-
-    return [run.stage_plan(stages.saved_plan(workdir, stage.step), profile, stage.step, requested, workdir)
+    return [stage_plan(manifest.saved_plan(stage.step), profile, stage.step, requested, manifest.workdir)
             for stage in profile.stages]
 
 
-def train(workdir: Workdir, profile, args: argparse.Namespace) -> str:
+def train(workdir: Workdir, profile: Profile, args: argparse.Namespace) -> str:
     """Run what the flags ask (--step N or --all) under the work directory's lock; 'done' or 'stopped'."""
-    from kit import run, stages
-    from kit.download import read_description
+    from kit import training  # late: it loads Keras, which prepare_devices must configure first
 
     requested = requested_from(args)
     with workdir_lock(workdir, "training run"):
-        config = run.run_config(stages.read_manifest(workdir)["config"], profile, requested, workdir,
-                                read_description(workdir).classes)
+        manifest = Manifest.read(workdir)  # read once: the loop updates it and writes it through itself
+        config = run_config(manifest.config, profile, requested, workdir, read_description(workdir).classes)
         if args.pseudo_labels is not None:
             keep_pseudo_labels(workdir, args.pseudo_labels)
         execution = execution_from(args)
         if getattr(args, "final_fit", False):
-            return final_fit(workdir, config, requested, execution)
+            return training.run_stage(manifest, final_fit_plan_for(manifest, requested, execution), config,
+                                      execution)
         if args.all:
             given = [f"--{k.replace('_', '-')}" for k, v in requested.stage_overrides.items() if v is not None]
             if given:
                 raise KitError(f"{', '.join(given)} change one stage's row: use them with --step N, not --all.")
-            return stages.run_all(workdir, plans_for_all(workdir, profile, requested), config, execution)
-        status = stages.stage_status(workdir, args.step)
-        if execution.resume and status == "not started":
-            print(f"Stage {args.step} has no interrupted run to resume; starting it.")
-            execution.resume = False
-        if status == "interrupted" and not execution.restart and stages.stopped_cleanly(workdir, args.step):
-            execution.resume = True  # the kit stopped it (exit 3): the same command continues it
-        saved = None if execution.restart else stages.saved_plan(workdir, args.step)
-        plan = run.stage_plan(saved, profile, args.step, requested, workdir)
-        return stages.run_stage(workdir, plan, config, execution)
+            return training.run_all(manifest, plans_for_all(manifest, profile, requested), config, execution)
+        continue_as_asked(manifest, args.step, execution)
+        saved = None if execution.restart else manifest.saved_plan(args.step)
+        plan = stage_plan(saved, profile, args.step, requested, workdir)
+        return training.run_stage(manifest, plan, config, execution)
+
+
+def continue_as_asked(manifest: Manifest, step: int, execution: Execution) -> None:
+    """--resume of a stage never started starts it; a stage the kit itself stopped (exit 3) resumes unasked."""
+    status = manifest.status(step)
+    if execution.resume and status == "not started":
+        if step != FINAL_FIT_STEP:
+            print(f"Stage {step} has no interrupted run to resume; starting it.")
+        execution.resume = False
+    if status == "interrupted" and not execution.restart and manifest.stopped_cleanly(step):
+        execution.resume = True  # the same command continues it
 
 
 def keep_pseudo_labels(workdir: Workdir, source: Path) -> None:
     """Copy the list into the run (once, when it starts), after checking it fits this dataset."""
-    from kit.dataset import read_pseudo_labels
-    from kit.files import sha256, write_bytes
-
     if workdir.pseudo_labels.is_file() and sha256(workdir.pseudo_labels) == sha256(source):
         return  # the run's own copy (run_config has refused any other list once the run started)
     rows = read_pseudo_labels(source, workdir)
@@ -249,36 +245,27 @@ def keep_pseudo_labels(workdir: Workdir, source: Path) -> None:
     print(f"Training on {len(rows)} pseudo-labelled test photos as well ({source}; kept as {workdir.pseudo_labels})")
 
 
-def final_fit(workdir: Workdir, config, requested, execution) -> str:
-    """The final fit (stage FINAL_FIT_STEP): start it, or resume it, as the last stage's record says."""
-    from kit import run, stages
-
-    status = stages.stage_status(workdir, FINAL_FIT_STEP)
-    if execution.resume and status == "not started":
-        execution.resume = False
-    if status == "interrupted" and not execution.restart and stages.stopped_cleanly(workdir, FINAL_FIT_STEP):
-        execution.resume = True
-    saved = None if execution.restart else stages.saved_plan(workdir, FINAL_FIT_STEP)
-    last = stages.read_manifest(workdir)["stages"].get(str(STEPS[-1]), {})
-    plan = run.final_fit_plan(saved, last, stages.read_log(workdir, STEPS[-1]), requested, workdir)
-    return stages.run_stage(workdir, plan, config, execution)
+def final_fit_plan_for(manifest: Manifest, requested: Requested, execution: Execution) -> StagePlan:
+    """The final fit's plan (stage FINAL_FIT_STEP): its saved one, or the last stage's, replayed."""
+    continue_as_asked(manifest, FINAL_FIT_STEP, execution)
+    saved = None if execution.restart else manifest.saved_plan(FINAL_FIT_STEP)
+    return final_fit_plan(saved, manifest.record(STEPS[-1]), read_log(manifest.workdir, STEPS[-1]), requested,
+                          manifest.workdir)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     prepare_devices(args)
-    from kit import stages
-
     profile = PROFILES[args.profile]
-    workdir = Workdir.resolve(args.workdir, profile)
-    if args.status:
+    workdir = Workdir.resolve(args.workdir, profile, args.cache_dir)
+    if args.status:  # the manifest alone: no framework is loaded
         print(f"{profile.name} profile in {workdir}")
-        print(stages.status_table(workdir, profile.stages))
+        print(status_table(Manifest.read(workdir), profile.stages))
         return EXIT_DONE
     if args.copy_run_from:
         with workdir_lock(workdir, "run copy"):
-            stages.copy_run(Workdir.resolve(args.copy_run_from, profile), workdir)
-        print(stages.status_table(workdir, profile.stages))
+            copy_run(Workdir.resolve(args.copy_run_from, profile), workdir)
+        print(status_table(Manifest.read(workdir), profile.stages))
         return EXIT_DONE
     return EXIT_DONE if train(workdir, profile, args) == "done" else EXIT_STOPPED
 

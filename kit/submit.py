@@ -2,22 +2,30 @@
 
     python -m kit.submit --check                      # validate submissions/submission.csv only
     python -m kit.submit --message "B6 7 stages TTA10"
+    python -m kit.submit --message "again" --again    # send a file that was sent before
 
 The file is checked against the competition's sample submission first (its header, every Id
 exactly once, a known label on every row, nothing extra), so a daily submission is never spent on
 a broken file. The competition is the one the data came from (kit.download --competition NAME).
+Every submission is recorded in submissions/submitted.json (the file's sha256, competition,
+message, time); the same file is not sent to the same competition twice without --again, so a
+notebook's *Run all* after the stages are done does not spend a daily submission on a repeat.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
 from kit.cli import KitError, add_workdir, main_guard
 from kit.config import PROFILES, Workdir
-from kit.download import read_description
+from kit.dataset import read_description
+from kit.files import sha256, write_text
 from kit.kaggle_api import KaggleClient, kaggle_api, kaggle_errors
 
 MAX_LISTED = 5
@@ -96,6 +104,38 @@ def submit(submission: Path, sample: Path, labels: Sequence[str], message: str, 
         return api.competition_submit(str(submission), message, competition, quiet=False)
 
 
+@dataclass(frozen=True)
+class Sent:
+    """One submission as submissions/submitted.json records it."""
+
+    sha256: str
+    competition: str
+    message: str
+    time: str
+    file: str
+
+
+def read_sent(path: Path) -> list[Sent]:
+    """What was submitted from this work directory; a damaged record is refused rather than ignored."""
+    if not path.is_file():
+        return []
+    try:
+        return [Sent(**entry) for entry in json.loads(path.read_text())]
+    except (ValueError, TypeError) as error:
+        raise KitError(f"{path} is damaged ({error}). It is the record of what was submitted from here, which keeps "
+                       "a file from being sent twice; Kaggle's own list is 'kaggle competitions submissions "
+                       "COMPETITION'. Delete the record to start a new one.") from None
+
+
+def record_sent(path: Path, sent: Sent) -> None:
+    write_text(path, json.dumps([asdict(entry) for entry in [*read_sent(path), sent]], indent=2, ensure_ascii=False))
+
+
+def sent_before(sent: list[Sent], digest: str, competition: str) -> Sent | None:
+    return next((entry for entry in reversed(sent) if (entry.sha256, entry.competition) == (digest, competition)),
+                None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kit.submit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -104,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--message", "-m", help="the submission's description on Kaggle")
     what.add_argument("--check", action="store_true", help="only validate the file")
+    parser.add_argument("--again", action="store_true", help="send the file even if this exact file was sent to "
+                                                             "the competition before (see submissions/submitted.json)")
     return parser
 
 
@@ -129,7 +171,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                        "profile's, or 'kit.download --synthetic'): Kaggle would score it at chance and it would "
                        "spend one of your daily submissions. Train on the competition's data, in a work directory "
                        "of its own, and submit from there.")
+    record = workdir.submissions / "submitted.json"
+    digest = sha256(submission) if submission.is_file() else ""
+    earlier = sent_before(read_sent(record), digest, description.competition)
+    if earlier and not args.again:
+        print(f"{submission} was already submitted to {description.competition} on {earlier.time} as "
+              f"{earlier.message!r}; nothing was sent, so no daily submission is spent on a repeat. Add --again to "
+              "send it anyway.")
+        return 0
     answer = submit(submission, sample, description.labels, args.message, description.competition, predict=predict)
+    record_sent(record, Sent(digest, description.competition, args.message, time.strftime("%Y-%m-%d %H:%M:%S"),
+                             str(submission)))
     print(f"Submitted {submission} to {description.competition}. Kaggle answered: "
           f"{getattr(answer, 'message', None) or answer}")
     print(f"See the score with: kaggle competitions submissions {description.competition}")

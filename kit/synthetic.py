@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from kit.cli import KitError
 from kit.config import COMPETITION, COMPETITION_CLASSES, Workdir
-from kit.download import DESCRIPTION, OLD_MARKER, Description, describe
+from kit.dataset import Description, describe, mark_unverified
 from kit.files import atomic_path, write_text
 
 TEST_LABELS = "test_labels.csv"  # the answers for a synthetic test set; the real one has none
@@ -66,8 +66,7 @@ def write_synthetic(workdir: Workdir, per_class: int = 100, test: int = 50, seed
     train, test_ids = _choose_ids(rng, per_class, test, ids_from)
     test_labels = rng.integers(0, len(COMPETITION_CLASSES), len(test_ids))
     data = workdir.data
-    for marker in (DESCRIPTION, OLD_MARKER):  # unverified while it is being rewritten
-        (data / marker).unlink(missing_ok=True)
+    mark_unverified(workdir)
     jobs = [(data / "train" / str(c) / i, c) for i, c in zip(train.Id, train.Category)]
     jobs += [(data / "test_upload" / i, int(c)) for i, c in zip(test_ids, test_labels)]
     for k, (path, label) in enumerate(tqdm(jobs, desc="synthetic images", mininterval=1.0)):

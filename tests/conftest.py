@@ -5,13 +5,16 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
+from filelock import FileLock
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -46,13 +49,37 @@ def run_kit(*args: str, env: dict | None = None, timeout: float = 600,
 SMOKE_BACKEND = "jax" if importlib.util.find_spec("jax") else "tensorflow"
 
 
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """A work directory built once per test run, whatever the number of pytest-xdist workers.
+
+    The first worker to ask builds it under a file lock in the run's shared temporary folder; every
+    worker then gets a copy of its own, so tests that write into it never race another worker.
+    """
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        root = tmp_path_factory.mktemp(name)
+        build(root)
+        return root
+    built = tmp_path_factory.getbasetemp().parent / f"built-{name}"
+    with FileLock(f"{built}.lock"):
+        if not (built / ".complete").is_file():
+            shutil.rmtree(built, ignore_errors=True)
+            built.mkdir()
+            build(built)
+            (built / ".complete").touch()
+    mine = tmp_path_factory.mktemp(name)
+    shutil.copytree(built, mine, symlinks=True, dirs_exist_ok=True)
+    return mine
+
+
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory) -> Path:
     """One full `python -m kit --smoke` (all seven stages and prediction); returns its work directory."""
-    root = tmp_path_factory.mktemp("smoke")
-    result = run_kit("kit", "--smoke", "--workdir", str(root), "--deterministic", env={"KERAS_BACKEND": SMOKE_BACKEND})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return root / "smoke"
+    def build(root: Path) -> None:
+        result = run_kit("kit", "--smoke", "--workdir", str(root), "--deterministic",
+                         env={"KERAS_BACKEND": SMOKE_BACKEND})
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    return built_once(tmp_path_factory, "smoke", build) / "smoke"
 
 
 # Stage runs of the resume tests: the smoke table's stages made long enough to be killed twice, 2 epochs of
@@ -72,11 +99,22 @@ def smoke_workdir(root: Path):
 @pytest.fixture(scope="session")
 def stage_one(tmp_path_factory) -> Path:
     """A work directory whose stage 1 is done (TensorFlow): the starting point of the resume tests."""
-    root = tmp_path_factory.mktemp("stage1")
-    smoke_workdir(root)
-    result = run_kit("kit.stage", "--step", "1", "--workdir", str(root), *STAGE_ARGS)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return root
+    def build(root: Path) -> None:
+        smoke_workdir(root)
+        result = run_kit("kit.stage", "--step", "1", "--workdir", str(root), *STAGE_ARGS)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    return built_once(tmp_path_factory, "stage1", build)
+
+
+# Fixtures that train or run whole commands: a test using one is slow (`python -m pytest -m "not slow"` skips it).
+SLOW_FIXTURES = ("smoke_run", "stage_one", "stanford", "exported", "trained")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(name in item.fixturenames for name in SLOW_FIXTURES):
+            item.add_marker(pytest.mark.slow)
 
 
 @contextlib.contextmanager

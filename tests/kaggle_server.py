@@ -1,10 +1,10 @@
-"""A small Kaggle on localhost:7777 that answers the real kaggle package's calls as Kaggle does.
+"""A small Kaggle on localhost (a free port) that answers the real kaggle package's calls as Kaggle does.
 
 The kaggle package (2.x) sends RPC-style POSTs to <endpoint>/api/v1/<Service>/<Method>. Its
 KaggleApi honours KAGGLE_API_ENVIRONMENT=LOCALHOST (endpoint http://localhost) but passes its own
 environment to the SDK, so KAGGLE_API_ENVIRONMENT=TEST (localhost:7777) is not reached through it.
 The tests therefore run the kit with LOCALHOST and an HTTP proxy setting that routes
-http://localhost to this server on port 7777: the package, its requests session, its redirects,
+http://localhost to this server's port: the package, its requests session, its redirects,
 downloads and uploads all run unchanged.
 """
 
@@ -19,7 +19,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
 
-PORT = 7777
 USER, KEY = "carfan", "0123456789abcdef0123456789abcdef"
 
 
@@ -33,10 +32,11 @@ class Kaggle:
     uploads: dict[str, bytes] = field(default_factory=dict)
     submissions: list[dict] = field(default_factory=list)
     calls: list[str] = field(default_factory=list)
+    port: int = 0  # where serve() listens: a free port, so test processes running side by side never collide
 
     def environment(self, config_dir: Path) -> dict[str, str]:
         """What a kit process needs to reach this server with the real package and these credentials."""
-        proxy = f"http://127.0.0.1:{PORT}"
+        proxy = f"http://127.0.0.1:{self.port}"
         return {"KAGGLE_API_ENVIRONMENT": "LOCALHOST", "KAGGLE_USERNAME": USER, "KAGGLE_KEY": KEY,
                 "KAGGLE_CONFIG_DIR": str(config_dir), "KAGGLE_API_TOKEN": "", "http_proxy": proxy,
                 "HTTP_PROXY": proxy, "no_proxy": "", "NO_PROXY": ""}
@@ -137,6 +137,7 @@ def serve(kaggle: Kaggle) -> ThreadingHTTPServer:
             self.rfile.readline()
             return data
 
-    server = ThreadingHTTPServer(("127.0.0.1", PORT), Handler)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    kaggle.port = server.server_address[1]
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server

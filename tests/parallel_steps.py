@@ -4,7 +4,7 @@
 
 The device count is fixed when a backend starts, so each count needs a process of its own. The
 model is the kit's (tiny CNN, all layers trainable, its BatchNorm layers training) built and fed
-through kit.devices exactly as kit.stages does. Dropout is off and the optimizer is SGD with
+through kit.devices exactly as kit.training does. Dropout is off and the optimizer is SGD with
 momentum: dropout draws its masks per device under tf.distribute, and Adam turns the float noise of
 near-zero gradients into whole steps, so either would hide what is compared here (the split of
 the batch, the gradients' reduction, BatchNorm's statistics over the whole batch).

@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_kit
+from conftest import ROOT
 from kit import checkpoint
 from kit.backbones import build_model
 from kit.config import Head
@@ -79,16 +79,18 @@ def test_a_file_of_another_head_is_refused_with_a_message(tmp_path):
         checkpoint.load_weights(path, tiny(units=32))
 
 
-def test_predict_refuses_weights_of_another_model_without_a_traceback(tmp_path):
+def test_predict_refuses_weights_of_another_model_without_a_traceback(tmp_path, capsys):
+    from kit.predict import main as predict_main  # the command's own main, in this process
+
     path = tmp_path / "best.weights.npz"
     model = tiny(units=64)
     state = {"val_accuracy": 0.5, "stage": 1, "image_size": 32, "config": {
         "profile": "smoke", "backbone": "tiny-cnn", "weights": "none", "head_units": 32, "head_dropout": 0.1,
         "head_bn_momentum": 0.9, "seed": 42, "val_fraction": 0.2}}
     checkpoint.save(path, model, state)
-    result = run_kit("kit.predict", "--weights", str(path), "--workdir", str(tmp_path))
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "does not fit the model being built" in " ".join(result.stderr.split())
+    assert predict_main(["--weights", str(path), "--workdir", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert "Traceback" not in error and "does not fit the model being built" in " ".join(error.split())
 
 
 def test_the_loss_scale_is_created_or_dropped_with_the_precision_policy(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT, run_kit
 from kit import checkpoint
 from kit.config import PROFILES, Workdir
-from kit.stages import stage_status
+from kit.manifest import Manifest
 
 JAX = pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="JAX is not installed (pip install jax)")
 BACKENDS = ["tensorflow", pytest.param("jax", marks=JAX)]
@@ -24,6 +24,7 @@ def on(backend: str) -> dict:
     return {"KERAS_BACKEND": backend}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_two_devices_train_the_same_weights_as_one(tmp_path, backend):
     """The same global batches on 1 and 2 devices: the same weights and predictions, to float tolerance."""
@@ -78,16 +79,19 @@ def test_a_stage_on_two_devices_resumes_exactly_and_moves_to_one(stage_one, tmp_
     assert moved_on.returncode == 0, moved_on.stderr[-3000:]
     assert ("x 2 (data parallel), Keras on jax and continues under float32 on CPU, Keras on jax"
             in " ".join(moved_on.stdout.split()))
-    assert stage_status(Workdir.resolve(moved, PROFILES["smoke"]), 2) == "done"
+    assert Manifest.read(Workdir.resolve(moved, PROFILES["smoke"])).status(2) == "done"
 
 
 @pytest.mark.parametrize("value", ["0", "two"])
-def test_a_bad_devices_value_is_refused_in_one_paragraph(tmp_path, value):
-    result = run_kit("kit.stage", "--step", "1", "--workdir", str(tmp_path), "--profile", "smoke", "--devices", value)
-    assert result.returncode == 2 and "takes a number of devices" in result.stderr
-    assert "Traceback" not in result.stderr
+def test_a_bad_devices_value_is_refused_in_one_paragraph(tmp_path, value, capsys):
+    from kit.stage import main as stage_main  # refused while parsing, before any backend starts: in this process
+
+    assert stage_main(["--step", "1", "--workdir", str(tmp_path), "--profile", "smoke", "--devices", value]) == 2
+    error = capsys.readouterr().err
+    assert "takes a number of devices" in error and "Traceback" not in error
 
 
+@pytest.mark.slow
 def test_a_batch_the_devices_cannot_share_evenly_is_refused(tmp_path):
     from conftest import smoke_workdir
 
@@ -96,3 +100,13 @@ def test_a_batch_the_devices_cannot_share_evenly_is_refused(tmp_path):
                      "--devices", "2")
     assert result.returncode == 2 and "does not split evenly over 2 devices" in " ".join(result.stderr.split())
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("capability, expected", [(None, "float32"), (6.0, "float32"), (7.0, "mixed_float16"),
+                                                  (7.5, "mixed_float16"), (8.0, "mixed_bfloat16"),
+                                                  (9.0, "mixed_bfloat16")])
+def test_auto_precision_follows_the_gpu_generation(capability, expected):
+    """A CPU and a P100 (6.0) train in float32, a T4 (7.5) in float16, an A100 or H100 in bfloat16."""
+    from kit.devices import precision_for
+
+    assert precision_for(capability) == expected

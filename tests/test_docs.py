@@ -46,10 +46,15 @@ def test_readme_commands_parse():
         assert essential in readme_code_blocks()
 
 
-def test_readme_test_command_is_what_ci_runs():
+def test_readme_test_set_up_is_what_ci_runs():
+    """The same install (requirements-test.txt, JAX included) and the same test command as CI's."""
     readme = (ROOT / "README.md").read_text()
-    test_command = re.search(r"^(python -m pytest.*)$", readme, re.M).group(1).strip()
-    assert test_command in (ROOT / ".ci" / "run").read_text().splitlines()
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    block = re.search(r"To run the tests.*?```bash\n(.*?)```", readme, re.S).group(1)
+    lines = [line.split("#")[0].strip() for line in block.splitlines()]
+    assert lines[0] == "pip install -r requirements-test.txt" and "python -m pip install -q -r requirements-test.txt" in ci
+    assert lines[1] == "python -m pytest" and "python -m pytest" in ci
+    assert "jax" in (ROOT / "requirements-test.txt").read_text()
 
 
 def helper_calls(code: str) -> list[tuple[str, list[str]]]:
@@ -75,3 +80,13 @@ def test_notebook_is_valid_and_its_commands_parse(name):
         assert_parses(module, args)
     text = "\n".join(cell.source for cell in code)
     assert not re.search(r"KAGGLE_\w+['\"]\]\s*=\s*['\"]", text), "credentials are never written into a notebook"
+
+
+def test_readme_says_what_a_hard_kill_loses():
+    """The first paragraph's promise follows the checkpoint interval, and the precision rule is Keras' own."""
+    from kit.devices import precision_for
+    from kit.training import SAVE_INTERVAL_S
+
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert SAVE_INTERVAL_S == 600 and "loses the batches since the last checkpoint, at most about ten minutes" in readme
+    assert precision_for(6.0) == "float32" and "float32 below (Kaggle's P100" in readme

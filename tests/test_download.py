@@ -21,7 +21,8 @@ from conftest import ROOT, run_kit, small_synthetic
 from kit.cli import KitError
 from kit.config import COMPETITION, COMPETITION_CLASSES, COMPETITION_URL, Workdir
 from kit.dataset import load_split, parse_fold, read_train
-from kit.download import describe, download, is_verified, read_description
+from kit.dataset import describe, is_verified, read_description
+from kit.download import download
 
 
 def competition_archive(source: Workdir, target: Path) -> Path:
@@ -288,7 +289,7 @@ def test_class_folder_mistakes_are_explained(tmp_path, layout, words):
 
 def test_a_run_refuses_a_dataset_whose_classes_changed(tmp_path):
     from kit.config import PROFILES
-    from kit.run import Requested, run_config
+    from kit.records import Requested, run_config
 
     workdir = Workdir(tmp_path)
     config = run_config(None, PROFILES["smoke"], Requested(), workdir, ("jazz", "mazda"))

@@ -71,3 +71,27 @@ def test_the_demo_serves_the_onnx_model_where_tensorflow_cannot_be_imported(expo
         (tmp_path / "notes.txt").write_text("not a photo")
         with pytest.raises(gradio_client.exceptions.AppError, match="could not be read as a photo"):
             client.predict(gradio_client.handle_file(str(tmp_path / "notes.txt")), False, api_name="/classify")
+
+
+def test_export_on_a_gpu_machine_writes_the_float32_graph(exported, smoke_run, tmp_path):
+    """A GPU's default policy is mixed precision; the export is float32 and equal to the CPU's export."""
+    import keras
+    import onnxruntime
+
+    from kit.export import build_parser, main as export_main
+
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")  # what --precision auto picks on an H100
+    try:
+        assert export_main(["--workdir", str(smoke_run.parent), "--profile", "smoke", "--out", str(tmp_path),
+                            "--format", "onnx", "--photos", str(ROOT.parent / "shared" / "competition" /
+                                                                "test_upload_sample")]) == 0
+        assert keras.mixed_precision.global_policy().name == "float32"
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_outputs()[0].type == "tensor(float)"
+    views = np.random.default_rng(0).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    np.testing.assert_allclose(OnnxModel(tmp_path / "model.onnx").predict_on_batch(views),
+                               OnnxModel(exported / "model.onnx").predict_on_batch(views), atol=1e-6)
+    with pytest.raises(SystemExit):  # nothing to choose: the float32 graph is the only one exported
+        build_parser().parse_args(["--precision", "mixed_bfloat16"])

@@ -4,6 +4,7 @@ the same photos with the same weights to the same probabilities."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -13,7 +14,7 @@ from PIL import Image
 
 from conftest import ROOT, SMOKE_BACKEND, demo_process, run_kit
 from kit.config import COMPETITION_CLASSES, PROFILES, STEPS, Workdir
-from kit.stages import read_manifest, stage_status
+from kit.manifest import Manifest
 
 pytest.importorskip("jax")
 gradio_client = pytest.importorskip("gradio_client")
@@ -25,19 +26,19 @@ def test_the_smoke_run_trains_every_stage_with_xla_on_jax(smoke_run):
     """Every stage done, recorded as compiled by XLA on JAX; the compiled programs kept for the next session."""
     assert SMOKE_BACKEND == "jax"
     workdir = Workdir(smoke_run)
-    records = read_manifest(workdir)["stages"]
+    records = json.loads(workdir.manifest.read_text())["stages"]
     for step in STEPS:
-        assert stage_status(workdir, step) == "done"
+        assert Manifest.read(workdir).status(step) == "done"
         assert records[str(step)]["runtime"] == {"precision": "float32", "device": "CPU", "jit": True,
                                                  "devices": 1, "backend": "jax"}
-    assert any((workdir.cache / "xla").iterdir())
+    assert any(workdir.compiled.iterdir()), "XLA's compiled programs are kept with the run"
 
 
 def test_weights_trained_on_jax_predict_the_same_on_tensorflow(smoke_run, real_photos, tmp_path):
     """`kit.predict --folder` under JAX, and the same call in this TensorFlow process: the same TTA probabilities."""
     import keras
 
-    from kit.predict import load_model, predict_folder, run_seed, weights_path
+    from kit.predict import load_model, predict_folder, weights_path
 
     assert keras.backend.backend() == "tensorflow"
     folder = tmp_path / "photos"
@@ -48,8 +49,8 @@ def test_weights_trained_on_jax_predict_the_same_on_tensorflow(smoke_run, real_p
     result = run_kit("kit.predict", *args, "--folder", str(folder), "--out", str(tmp_path / "jax.csv"), env=JAX)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     workdir = Workdir(smoke_run)
-    on_tensorflow, _ = predict_folder(folder, load_model(weights_path(workdir)), tmp_path / "tf.csv",
-                                      seed=run_seed(workdir))
+    loaded = load_model(weights_path(workdir))
+    on_tensorflow, _ = predict_folder(folder, loaded, tmp_path / "tf.csv", seed=loaded.config.seed)
     on_jax = pd.read_csv(tmp_path / "jax.csv")
     assert list(on_jax.path) == list(on_tensorflow.path) and list(on_jax["class"]) == list(on_tensorflow["class"])
     columns = list(COMPETITION_CLASSES)

@@ -141,6 +141,19 @@ def test_submit_uploads_the_file_and_names_the_competition(kaggle, tmp_path):
     assert server.submissions[-1]["submissionDescription"] == "B6, TTA 10"
     assert server.uploads[server.submissions[-1]["blobFileTokens"]] == submission.read_bytes()
 
+    # A notebook's next Run all: the same file is not sent again (exit 0: the notebook goes on, saying so).
+    again = kit(kaggle, "kit.submit", "--message", "B6, TTA 10", "--workdir", str(tmp_path))
+    assert again.returncode == 0 and "already submitted" in again.stdout and "--again" in again.stdout
+    sent = len(server.submissions)
+    assert server.submissions[-1]["submissionDescription"] == "B6, TTA 10"
+    assert kit(kaggle, "kit.submit", "-m", "on purpose", "--again", "--workdir", str(tmp_path)).returncode == 0
+    submission.write_text(submission.read_text().replace(",7", ",3"))  # a new prediction is a new file
+    assert kit(kaggle, "kit.submit", "-m", "new", "--workdir", str(tmp_path)).returncode == 0
+    assert [s["submissionDescription"] for s in server.submissions[sent - 1:]] == ["B6, TTA 10", "on purpose", "new"]
+    record = json.loads((tmp_path / "submissions" / "submitted.json").read_text())
+    assert [r["message"] for r in record] == ["B6, TTA 10", "on purpose", "new"]
+    assert record[0]["sha256"] == record[1]["sha256"] != record[2]["sha256"]
+
 
 def test_submit_refuses_a_class_folder_dataset(kaggle, tmp_path):
     assert kit(kaggle, "kit.download", "--dataset", DATASET, "--workdir", str(tmp_path)).returncode == 0

@@ -7,8 +7,10 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import ROOT, small_synthetic
@@ -82,6 +84,7 @@ def test_unreadable_images_are_listed_not_dropped_silently(tmp_path, capsys):
     assert "2 training images could not be read" in out and frame.Id[3] in out and frame.Id[5] in out
 
 
+@pytest.mark.slow
 def test_killed_cache_build_is_finished_by_the_next_run(tmp_path):
     workdir = small_synthetic(tmp_path, per_class=40, size=(640, 480))
     paths = images_of(workdir)
@@ -104,6 +107,7 @@ def test_killed_cache_build_is_finished_by_the_next_run(tmp_path):
     assert finished.unreadable == fresh.unreadable == {}
 
 
+@pytest.mark.slow
 def test_unreadable_images_are_remembered_across_a_killed_build(tmp_path):
     """A killed build marks a broken photo done; the next run must still know it is broken, not black."""
     workdir = small_synthetic(tmp_path, per_class=4, size=(96, 72))
@@ -126,3 +130,22 @@ def test_unreadable_images_are_remembered_across_a_killed_build(tmp_path):
     assert np.load(done)[0] and not np.load(done).all(), "killed after the broken photo, before the end"
     resumed = open_cache(tmp_path / "cache", "train", paths, 64, progress=False)
     assert broken in resumed.unreadable and "damaged or truncated" in resumed.unreadable[broken]
+
+
+def test_every_command_finds_the_cache_by_one_rule(tmp_path, monkeypatch):
+    """--cache-dir, else $KIT_CACHE_DIR, else <workdir>/cache: the same for each command that reads photos."""
+    from kit import __main__ as run_everything, demo, export, predict, report, stage
+    from kit.config import PROFILES, Workdir
+
+    monkeypatch.delenv("KIT_CACHE_DIR", raising=False)
+    root = tmp_path.resolve()
+    assert Workdir.resolve(tmp_path).cache == root / "cache"
+    monkeypatch.setenv("KIT_CACHE_DIR", str(tmp_path / "local"))
+    assert Workdir.resolve(tmp_path).cache == root / "local"
+    assert Workdir.resolve(tmp_path, PROFILES["smoke"]).cache == root / "local" / "smoke"
+    given = Workdir.resolve(tmp_path, cache_dir=tmp_path / "given")
+    assert given.cache == root / "given" and f"--cache-dir {tmp_path / 'given'}" in given.command("kit.predict")
+    assert given.compiled == root / "weights" / "compiled"  # XLA's programs stay with the run, not the cache
+    for command in (stage, predict, report, export, demo, run_everything):
+        args = command.build_parser().parse_args(["--cache-dir", "elsewhere", *(["--all"] if command is stage else [])])
+        assert args.cache_dir == Path("elsewhere"), command.__name__

@@ -12,7 +12,7 @@ from conftest import run_kit, small_synthetic
 from kit.cli import KitError
 from kit.config import COMPETITION, COMPETITION_CLASSES, Workdir
 from kit.pipeline import Uncached
-from kit.predict import Predictor, load_model, predict_test, weights_path
+from kit.predict import Predictor, load_model, predict_test, predict_validation, weights_path
 from kit.submit import submit, validate
 from test_download import FakeKaggle, http_error
 
@@ -96,6 +96,16 @@ def test_report_writes_metrics_and_pictures(smoke_workdir, smoke_model):
     assert [row["name"] for row in validation["per_class"]] == list(COMPETITION_CLASSES)
     for picture in ("confusion_matrix.png", "curves.png"):
         assert (smoke_workdir.report / picture).read_bytes()[:4] == b"\x89PNG"
+
+    # kit.predict after the report (or the report again) scores the validation photos no more: kept per view count.
+    kept = {views: smoke_workdir.report / f"validation_views{views}.npz" for views in (1, 4)}
+    written = {views: path.stat().st_mtime_ns for views, path in kept.items()}
+    said = predict_validation(smoke_workdir, smoke_model, tta=4, seed=42, workers=2)
+    assert f"(TTA 4): {validation['accuracy']['TTA 4']:.4f}" in said
+    assert write_report(smoke_workdir, smoke_model, tta=4, seed=42, workers=2)["validation"] == validation
+    assert {views: path.stat().st_mtime_ns for views, path in kept.items()} == written
+    predict_validation(smoke_workdir, smoke_model, tta=4, seed=7, workers=2)  # other TTA draws: scored anew
+    assert kept[4].stat().st_mtime_ns != written[4]
 
 
 def test_no_weights_names_the_command(tmp_path):

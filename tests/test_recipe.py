@@ -11,7 +11,7 @@ import pytest
 from kit import recipe
 from kit.cli import KitError
 from kit.config import PROFILES, TrainingOptions, Workdir, stage_of
-from kit.run import Requested, StagePlan, stage_plan
+from kit.records import Requested, StagePlan, stage_plan
 
 SMOKE = PROFILES["smoke"]
 

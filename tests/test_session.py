@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
+import signal
 import socket
 import subprocess
 import sys
@@ -15,7 +15,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from conftest import ROOT, run_kit, small_synthetic
+from conftest import ROOT, STAGE_ARGS, run_kit, small_synthetic, smoke_workdir
+from kit.config import PROFILES, Workdir
 from kit.files import LockHeld, WorkdirLock
 
 
@@ -29,6 +30,7 @@ def holder(lock: Path) -> subprocess.Popen:
     return process
 
 
+@pytest.mark.slow
 def test_a_second_process_is_refused_by_the_lock(tmp_path):
     workdir = small_synthetic(tmp_path / "smoke", per_class=4)
     process = holder(workdir.lock)
@@ -86,17 +88,24 @@ def notebook_code(name: str) -> list[str]:
 
 
 def helper_namespace(name: str) -> dict:
-    """The notebook's own `kit()` helper cell, run as it is."""
-    cell = next(c for c in notebook_code(name) if "def kit(" in c)
+    """The notebook's own helper cell, run as it is: it imports `kit()` from the installed kit."""
+    cell = next(c for c in notebook_code(name) if "kit.notebook" in c)
     namespace: dict = {}
     exec(cell, namespace)  # noqa: S102 - the notebook's cell, to test its behaviour rather than its text
     return namespace
 
 
-@pytest.mark.parametrize("name", ["colab.ipynb", "kaggle.ipynb"])
-def test_notebook_stops_run_all_on_failure_and_on_a_budget_stop(name, tmp_path, monkeypatch, capsys):
+def test_the_notebooks_are_what_their_one_source_makes():
+    result = subprocess.run([sys.executable, str(ROOT / "notebooks" / "make.py"), "--check"], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stdout
+
+
+@pytest.mark.slow
+def test_notebook_stops_run_all_on_failure_and_on_a_budget_stop(tmp_path, monkeypatch, capsys):
+    """Both notebooks' helper cell is make.py's one HELPER (checked above), so one of them is run here."""
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
-    kit = helper_namespace(name)["kit"]
+    kit = helper_namespace("kaggle.ipynb")["kit"]
     kit("kit.stage", "--status", "--workdir", str(tmp_path))  # exit 0: returns
     assert "not started" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="exit code 2"):
@@ -105,6 +114,47 @@ def test_notebook_stops_run_all_on_failure_and_on_a_budget_stop(name, tmp_path, 
     small_synthetic(tmp_path / "smoke", per_class=4)
     with pytest.raises(SystemExit, match="Run the notebook again"):
         kit("kit.stage", "--all", "--profile", "smoke", "--workdir", str(tmp_path), "--time-budget", "0.001")
+
+
+KERNEL = """
+import sys
+from kit.notebook import kit
+try:
+    kit('kit.stage', '--step', '1', '--workdir', sys.argv[1], *sys.argv[2:])
+except SystemExit as stop:
+    print('KERNEL:', stop)
+"""
+
+
+@pytest.mark.slow
+def test_the_stop_button_stops_the_command_with_a_checkpoint_and_leaves_nothing_running(tmp_path):
+    """Colab's stop button interrupts the kernel (SIGINT to it, not to the child): the helper passes it on."""
+    smoke_workdir(tmp_path)
+    kernel = subprocess.Popen([sys.executable, "-c", KERNEL, str(tmp_path), *STAGE_ARGS, "--epochs", "100"],
+                              env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    output = []
+    for line in kernel.stdout:  # until the stage is training (its first lines are printed)
+        output.append(line)
+        if line.startswith("Stage 1:"):
+            break
+    time.sleep(2)
+    kernel.send_signal(signal.SIGINT)
+    output += kernel.stdout.readlines()
+    assert kernel.wait(timeout=120) == 0
+    text = "".join(output)
+    assert "KERNEL: Interrupted: python -m kit.stage" in text and "with a checkpoint" in text, text[-2000:]
+    workdir = Workdir.resolve(tmp_path, PROFILES["smoke"])
+    assert list(workdir.stage_dir(1).glob("checkpoint-*.npz")), "the interrupted stage saved where it was"
+    assert not [p for p in Path("/proc").glob("[0-9]*") if str(tmp_path) in _cmdline(p)], "no command left running"
+    assert not workdir.lock.exists(), "the lock is released: the next cell is not refused"
+
+
+def _cmdline(process: Path) -> str:
+    try:
+        return (process / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 @pytest.mark.parametrize("name", ["colab.ipynb", "kaggle.ipynb"])
@@ -130,8 +180,12 @@ def test_placeholder_repository_stops_the_notebook_first():
 
 # ---- installing -----------------------------------------------------------------------------------
 
-def test_pip_install_then_the_smoke_run_from_another_folder(tmp_path):
-    """`pip install .` (as `pip install git+URL` does), then `python -m kit` works outside the clone."""
+@pytest.mark.slow
+def test_pip_install_then_the_commands_run_from_another_folder(tmp_path):
+    """`pip install .` (as `pip install git+URL` does), then the commands work outside the clone.
+
+    The installed package is what is tested here; training itself is tested by the smoke runs.
+    """
     env_dir = tmp_path / "venv"
     venv.create(env_dir, system_site_packages=True, with_pip=True)  # the heavy dependencies are already here
     python = env_dir / "bin" / "python"
@@ -141,11 +195,12 @@ def test_pip_install_then_the_smoke_run_from_another_folder(tmp_path):
     assert install.returncode == 0, install.stderr[-3000:]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    where = subprocess.run([str(python), "-c", "import kit; print(kit.__file__)"], capture_output=True, text=True,
-                           env=clean, cwd=elsewhere)
+    where = subprocess.run([str(python), "-c", "import kit.notebook, kit.training; print(kit.__file__)"],
+                           capture_output=True, text=True, env=clean, cwd=elsewhere)
     assert str(env_dir) in where.stdout, where.stdout + where.stderr
-    smoke = subprocess.run([str(python), "-m", "kit", "--smoke", "--workdir", "run"], capture_output=True,
-                           text=True, env=clean, cwd=elsewhere, timeout=600)
-    assert smoke.returncode == 0, smoke.stdout[-2000:] + smoke.stderr[-2000:]
-    assert (elsewhere / "run" / "smoke" / "submissions" / "submission.csv").is_file()
-    assert re.search(r"Next: python -m kit.report --profile smoke --workdir run", smoke.stdout)
+    for command in (["kit.download", "--synthetic"], ["kit.stage", "--status"]):
+        result = subprocess.run([str(python), "-m", *command, "--profile", "smoke", "--workdir", "run"],
+                                capture_output=True, text=True, env=clean, cwd=elsewhere, timeout=300)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert (elsewhere / "run" / "smoke" / "data" / "dataset.json").is_file()
+    assert "not started" in result.stdout and "smoke profile in" in result.stdout

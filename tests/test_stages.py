@@ -19,17 +19,18 @@ from conftest import ROOT, STAGE_ARGS, run_kit, smoke_workdir
 from kit import checkpoint
 from kit.cli import KitError
 from kit.config import PROFILES, Workdir, override_stage, stage_of
-from kit.run import Budget, Execution, Requested, StagePlan, run_config
-from kit.download import read_description
+from kit.dataset import read_description
+from kit.manifest import Manifest, status_table
+from kit.records import Budget, Execution, Requested, StagePlan, run_config
 from kit.stage import main as stage_main  # in-process, for refusals and --status: no new process to start
-from kit.stages import read_manifest, run_all, run_stage, stage_status, status_table
+from kit.training import run_all, run_stage
 
 SMOKE = PROFILES["smoke"]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
 def config_of(workdir: Workdir):
-    return run_config(read_manifest(workdir)["config"], SMOKE, Requested(), workdir, read_description(workdir).classes)
+    return run_config(Manifest.read(workdir).config, SMOKE, Requested(), workdir, read_description(workdir).classes)
 
 
 def plan(step: int, class_weights: bool = False, **overrides) -> StagePlan:
@@ -107,7 +108,7 @@ def test_resume_after_sigkill_is_exact(stage_one, tmp_path, options):
     first = start(stage_command(interrupted, "--step", "2", "--save-every", "4", *options))
     wait_for(lambda: (folder / checkpoint.checkpoint_name(0, 4)).exists(), first)
     kill(first)
-    assert stage_status(Workdir.resolve(interrupted, SMOKE), 2) == "interrupted"
+    assert Manifest.read(Workdir.resolve(interrupted, SMOKE)).status(2) == "interrupted"
 
     if options:  # Kill 2, during a checkpoint write (once: where it lands does not depend on the options).
         # Each write is stretched to 5 s; killed while the temp file is there.
@@ -136,37 +137,41 @@ def test_resume_after_sigkill_is_exact(stage_one, tmp_path, options):
     assert not list(folder.glob(".*.tmp")) and not checkpoint.list_checkpoints(folder)
 
 
-@pytest.mark.parametrize("before, after", [("mixed_float16", "float32"), ("float32", "mixed_bfloat16")])
-def test_resume_under_another_precision_policy(stage_one, tmp_path, before, after):
-    """A stage started on one GPU (a T4: float16) continues on the next session's (an L4: bfloat16) or a CPU."""
+def test_resume_under_another_precision_policy(stage_one, tmp_path):
+    """A stage started on one GPU (a T4: float16) continues on a CPU (float32), then on an L4 (bfloat16)."""
     root = tmp_path / "run"
     shutil.copytree(stage_one, root)
     folder = Workdir.resolve(root, SMOKE).stage_dir(2)
-    first = start(stage_command(root, "--step", "2", "--save-every", "3", "--precision", before))
+    first = start(stage_command(root, "--step", "2", "--save-every", "3", "--precision", "mixed_float16"))
     wait_for(lambda: (folder / checkpoint.checkpoint_name(0, 3)).exists(), first)
     kill(first)
-    finish = subprocess.run(stage_command(root, "--step", "2", "--resume", "--precision", after),
+    second = start(stage_command(root, "--step", "2", "--resume", "--save-every", "3", "--precision", "float32"))
+    wait_for(lambda: (folder / checkpoint.checkpoint_name(0, 6)).exists(), second)
+    said = kill(second)
+    assert "ran under mixed_float16" in said and "the float16 loss scale was dropped" in said, said[-2000:]
+    finish = subprocess.run(stage_command(root, "--step", "2", "--resume", "--precision", "mixed_bfloat16"),
                             capture_output=True, text=True, env=ENV)
     assert finish.returncode == 0, finish.stdout[-2000:] + finish.stderr[-2000:]
-    expected = "the float16 loss scale was dropped" if before == "mixed_float16" else "continues under mixed_bfloat16"
-    assert f"ran under {before}" in finish.stdout and expected in finish.stdout
-    assert stage_status(Workdir.resolve(root, SMOKE), 2) == "done"
+    assert "ran under float32" in finish.stdout and "continues under mixed_bfloat16" in finish.stdout
+    assert Manifest.read(Workdir.resolve(root, SMOKE)).status(2) == "done"
 
 
-def test_all_resumes_an_overridden_stage_with_its_class_weights(tmp_path):
+@pytest.mark.slow
+def test_all_resumes_an_overridden_stage_with_its_class_weights(tmp_path, capsys):
     """--batch-size after an out-of-memory error, --class-weights: --all resumes the stage as it started."""
     root = tmp_path / "run"
     workdir = smoke_workdir(root)
     stopped = run_kit("kit.stage", "--step", "1", "--workdir", str(root), "--profile", "smoke", "--batch-size", "8",
                       "--class-weights", "--time-budget", "0.001")
     assert stopped.returncode == 3, stopped.stdout[-2000:] + stopped.stderr[-2000:]
-    saved = read_manifest(workdir)["stages"]["1"]["plan"]
+    saved = json.loads(workdir.manifest.read_text())["stages"]["1"]["plan"]
     assert saved["stage"]["batch_size"] == 8 and saved["class_weights"] is True
 
-    refused = run_kit("kit.stage", "--step", "1", "--resume", "--workdir", str(root), "--profile", "smoke",
-                      "--batch-size", "16")
-    assert refused.returncode == 2 and "--batch-size 16 (saved: 8)" in refused.stderr
-    assert "--resume --profile smoke --workdir" in " ".join(refused.stderr.split())  # the pasted hint hits this run
+    assert stage_main(["--step", "1", "--resume", "--workdir", str(root), "--profile", "smoke", "--batch-size",
+                       "16"]) == 2
+    refused = " ".join(capsys.readouterr().err.split())
+    assert "--batch-size 16 (saved: 8)" in refused
+    assert "--resume --profile smoke --workdir" in refused  # the pasted hint hits this run
 
     finished = run_kit("kit.stage", "--all", "--workdir", str(root), "--profile", "smoke", "--workers", "2")
     assert finished.returncode == 0, finished.stdout[-2000:] + finished.stderr[-2000:]
@@ -175,7 +180,7 @@ def test_all_resumes_an_overridden_stage_with_its_class_weights(tmp_path):
     stage_two_line = next(line for line in lines if line.startswith("Stage 2: tiny-cnn"))
     assert "batch 8" in stage_one_line and "class-weighted loss" in stage_one_line
     assert "batch 32" in stage_two_line and "class-weighted" not in stage_two_line
-    assert [stage_status(workdir, s) for s in range(1, 8)] == ["done"] * 7
+    assert [Manifest.read(workdir).status(s) for s in range(1, 8)] == ["done"] * 7
 
 
 def test_run_settings_are_fixed_when_the_run_starts(stage_one, capsys):
@@ -187,6 +192,7 @@ def test_run_settings_are_fixed_when_the_run_starts(stage_one, capsys):
     assert "--seed 7 (this run: 42)" in message and "--weights" not in message.split("other settings")[1]
 
 
+@pytest.mark.slow
 def test_budget_counts_from_the_session_start_and_stops_a_long_cache_build(tmp_path):
     """--all under a budget mostly spent already: the cache build stops in time, exit 3, progress kept."""
     root = tmp_path / "run"
@@ -206,81 +212,85 @@ def test_budget_counts_from_the_session_start_and_stops_a_long_cache_build(tmp_p
 
 def test_all_does_not_start_a_stage_whose_set_up_cannot_fit(tmp_path, capsys):
     workdir = smoke_workdir(tmp_path)
-    manifest = read_manifest(workdir)
-    manifest["costs"] = {"save": 1.0, "by_size": {"48": {"setup": 600.0, "step_per_image": 0.01, "validation": 1}}}
+    costs = {"save": 1.0, "by_size": {"48": {"setup": 600.0, "step_per_image": 0.01, "validation": 1}}}
     workdir.manifest.parent.mkdir(parents=True)
-    workdir.manifest.write_text(json.dumps(manifest))
+    workdir.manifest.write_text(json.dumps({"config": None, "stages": {}, "costs": costs}))
     plans = [StagePlan(stage) for stage in SMOKE.stages]
-    assert run_all(workdir, plans, config_of(workdir), Execution(budget=Budget(time.time() + 60))) == "stopped"
+    budget = Budget(time.time() + 60)
+    assert run_all(Manifest.read(workdir), plans, config_of(workdir), Execution(budget=budget)) == "stopped"
     assert "Stage 1 was not started" in capsys.readouterr().out
-    assert stage_status(workdir, 1) == "not started"
+    assert Manifest.read(workdir).status(1) == "not started"
 
 
 def test_stage_needs_the_previous_one(tmp_path):
     workdir = smoke_workdir(tmp_path)
     with pytest.raises(KitError, match="stage 2 is not started.*--step 2"):
-        run_stage(workdir, plan(3), config_of(workdir), Execution())
+        run_stage(Manifest.read(workdir), plan(3), config_of(workdir), Execution())
 
 
+@pytest.mark.slow
 def test_interrupted_stage_is_never_overwritten(tmp_path):
     workdir = smoke_workdir(tmp_path)
     config = config_of(workdir)
     stage = plan(1, batch_size=8)
     # A budget already spent: stops before the first batch, with a checkpoint.
-    assert run_stage(workdir, stage, config, Execution(budget=Budget(time.time() + 0.5))) == "stopped"
-    assert stage_status(workdir, 1) == "interrupted"
+    spent = Execution(budget=Budget(time.time() + 0.5))
+    assert run_stage(Manifest.read(workdir), stage, config, spent) == "stopped"
+    assert Manifest.read(workdir).status(1) == "interrupted"
     with pytest.raises(KitError, match=r"interrupted .*--resume.*--restart"):
-        run_stage(workdir, stage, config, Execution())
-    assert run_stage(workdir, stage, config, Execution(resume=True)) == "done"
-    table = status_table(workdir, SMOKE.stages)
+        run_stage(Manifest.read(workdir), stage, config, Execution())
+    assert run_stage(Manifest.read(workdir), stage, config, Execution(resume=True)) == "done"
+    table = status_table(Manifest.read(workdir), SMOKE.stages)
     assert table.splitlines()[1].split()[4] == "done" and "not started" in table.splitlines()[2]
     best = (workdir.stage_dir(1) / "best.weights.npz").read_bytes()
     with pytest.raises(KitError, match="already done.*--restart"):
-        run_stage(workdir, stage, config, Execution())
+        run_stage(Manifest.read(workdir), stage, config, Execution())
     assert (workdir.stage_dir(1) / "best.weights.npz").read_bytes() == best
-    assert run_stage(workdir, stage, config, Execution(restart=True)) == "done"
+    assert run_stage(Manifest.read(workdir), stage, config, Execution(restart=True)) == "done"
 
 
+@pytest.mark.slow
 def test_restart_discards_every_later_stage(tmp_path, monkeypatch):
     workdir = smoke_workdir(tmp_path)
     config = config_of(workdir)
-    assert run_stage(workdir, plan(1, batch_size=8), config, Execution()) == "done"
-    assert run_stage(workdir, plan(2, batch_size=8, epochs=1), config, Execution()) == "done"
+    assert run_stage(Manifest.read(workdir), plan(1, batch_size=8), config, Execution()) == "done"
+    assert run_stage(Manifest.read(workdir), plan(2, batch_size=8, epochs=1), config, Execution()) == "done"
     stop_during_first_checkpoint(workdir, 3, monkeypatch)
-    assert run_stage(workdir, plan(3, batch_size=8), config, Execution(save_every=2)) == "stopped"
-    assert checkpoint.list_checkpoints(workdir.stage_dir(3)) and stage_status(workdir, 3) == "interrupted"
+    assert run_stage(Manifest.read(workdir), plan(3, batch_size=8), config, Execution(save_every=2)) == "stopped"
+    assert checkpoint.list_checkpoints(workdir.stage_dir(3)) and Manifest.read(workdir).status(3) == "interrupted"
     monkeypatch.delenv("KIT_FAULT_SLOW_WRITE")
-    assert run_stage(workdir, plan(1, batch_size=8), config, Execution(restart=True)) == "done"
-    assert stage_status(workdir, 2) == "not started" and stage_status(workdir, 3) == "not started"
+    assert run_stage(Manifest.read(workdir), plan(1, batch_size=8), config, Execution(restart=True)) == "done"
+    assert [Manifest.read(workdir).status(step) for step in (2, 3)] == ["not started"] * 2
     for step in (2, 3):
         folder = workdir.stage_dir(step)
         assert not checkpoint.list_checkpoints(folder) and not (folder / "best.weights.npz").exists()
 
 
+@pytest.mark.slow
 def test_kill_before_the_first_checkpoint_shows_as_interrupted(tmp_path):
     root = tmp_path / "run"
     workdir = smoke_workdir(root)
-    process = start(stage_command(root, "--step", "1", args=["--profile", "smoke", "--workers", "1"]),
-                    env={**ENV, "KIT_FAULT_SLOW_DECODE": "0.2"})
-    wait_for(lambda: workdir.manifest.is_file() and "1" in read_manifest(workdir)["stages"], process)
+    process = start(stage_command(root, "--step", "1", args=["--profile", "smoke", "--workers", "1"]))
+    wait_for(lambda: workdir.manifest.is_file() and "1" in json.loads(workdir.manifest.read_text())["stages"], process)
     kill(process)
     status = run_kit("kit.stage", "--status", "--profile", "smoke", "--workdir", str(root))
     assert "interrupted (no checkpoint yet)" in status.stdout.splitlines()[2]
     with pytest.raises(KitError, match="interrupted before its first checkpoint.*--resume"):
-        run_stage(workdir, plan(1), config_of(workdir), Execution())
+        run_stage(Manifest.read(workdir), plan(1), config_of(workdir), Execution())
 
 
+@pytest.mark.slow
 def test_best_file_survives_a_kill_between_its_write_and_the_checkpoint(tmp_path, monkeypatch):
     """The replayed epoch scores lower (as it can on a GPU): the better file on disk stays."""
     workdir = smoke_workdir(tmp_path)
     config = config_of(workdir)
     stage = plan(1, batch_size=8, epochs=1)
     stop_during_first_checkpoint(workdir, 1, monkeypatch)
-    assert run_stage(workdir, stage, config, Execution(save_every=3)) == "stopped"
+    assert run_stage(Manifest.read(workdir), stage, config, Execution(save_every=3)) == "stopped"
     monkeypatch.delenv("KIT_FAULT_SLOW_WRITE")
     mid_epoch = [shutil.copy(p, workdir.root / p.name) for p in checkpoint.list_checkpoints(workdir.stage_dir(1))]
     assert mid_epoch, "a mid-epoch checkpoint to go back to"
-    assert run_stage(workdir, stage, config, Execution(resume=True)) == "done"
+    assert run_stage(Manifest.read(workdir), stage, config, Execution(resume=True)) == "done"
     # As if killed after best.weights.npz was written and before the epoch's checkpoint: the stage is
     # still at its mid-epoch checkpoint, and the first try of the epoch scored better than the replay will.
     best = workdir.stage_dir(1) / "best.weights.npz"
@@ -288,19 +298,20 @@ def test_best_file_survives_a_kill_between_its_write_and_the_checkpoint(tmp_path
     state["val_accuracy"] = 1.5  # higher than any replay can reach
     np.savez(best, **arrays, state=np.frombuffer(json.dumps(state).encode(), np.uint8))
     kept = best.read_bytes()
-    manifest = read_manifest(workdir)
+    manifest = json.loads(workdir.manifest.read_text())
     manifest["stages"]["1"]["status"] = "interrupted"
     workdir.manifest.write_text(json.dumps(manifest))
     for saved in mid_epoch:
         shutil.copy(saved, workdir.stage_dir(1))
-    assert run_stage(workdir, stage, config, Execution(resume=True)) == "done"
+    assert run_stage(Manifest.read(workdir), stage, config, Execution(resume=True)) == "done"
     assert best.read_bytes() == kept
-    assert read_manifest(workdir)["stages"]["1"]["best_val_accuracy"] == 1.5
+    assert json.loads(workdir.manifest.read_text())["stages"]["1"]["best_val_accuracy"] == 1.5
 
 
+@pytest.mark.slow
 def test_best_weights_never_get_worse(tmp_path):
     workdir = smoke_workdir(tmp_path)
-    run_stage(workdir, plan(1, epochs=4, batch_size=8), config_of(workdir), Execution())
+    run_stage(Manifest.read(workdir), plan(1, epochs=4, batch_size=8), config_of(workdir), Execution())
     _, state = checkpoint.read(workdir.stage_dir(1) / "best.weights.npz")
     history = log_rows(workdir, 1)
     accuracies = [float(line.split(",")[4]) for line in history[1:]]
@@ -364,11 +375,11 @@ def test_smoke_run_learns(smoke_run):
     assert manifest["stages"]["7"]["best_val_accuracy"] >= 0.90
 
 
-def test_final_fit_replays_the_last_stage_on_training_and_validation_images(smoke_run, tmp_path):
+def test_final_fit_replays_the_last_stage_on_training_and_validation_images(smoke_run, tmp_path, capsys):
     root = tmp_path / "run"
     shutil.copytree(smoke_run.parent, root, symlinks=True)
     workdir = Workdir.resolve(root, SMOKE)
-    last = read_manifest(workdir)["stages"]["7"]
+    last = json.loads(workdir.manifest.read_text())["stages"]["7"]
     result = run_kit("kit.stage", "--final-fit", "--profile", "smoke", "--workdir", str(root))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert f"stage 7 again on training + validation images, {last['best_epoch']} epoch" in result.stdout
@@ -377,22 +388,27 @@ def test_final_fit_replays_the_last_stage_on_training_and_validation_images(smok
     assert len(history) == 1 + last["best_epoch"]
     assert [row.split(",")[-1] for row in history[1:]] == [row.split(",")[-1] for row in log_rows(workdir, 7)[
         1:1 + last["best_epoch"]]]  # the validated stage's learning rate, epoch by epoch
-    assert "final fit: train + val" in status_table(workdir, SMOKE.stages)
+    assert "final fit: train + val" in status_table(Manifest.read(workdir), SMOKE.stages)
     assert checkpoint.read_state(workdir.stage_dir(8) / "best.weights.npz")["final_fit"] is True
 
-    report = run_kit("kit.report", "--tta", "0", "--profile", "smoke", "--workdir", str(root))
-    assert report.returncode == 0, report.stderr[-2000:]
+    # The commands that read the final fit, in this process: what matters here is what they make of it.
+    from kit.predict import main as predict_main
+    from kit.report import main as report_main
+
+    capsys.readouterr()
+    assert report_main(["--tta", "0", "--profile", "smoke", "--workdir", str(root)]) == 0
     metrics = json.loads((workdir.report / "metrics.json").read_text())
     assert metrics["final_fit"] is True and metrics["validation"]["held_out"] is False
-    assert "not a held-out score" in report.stdout and "final fit" in metrics["model"]
+    assert "not a held-out score" in capsys.readouterr().out and "final fit" in metrics["model"]
 
-    predicted = run_kit("kit.predict", "--tta", "0", "--profile", "smoke", "--workdir", str(root))
-    assert "stage 8 (final fit on training + validation images)" in predicted.stdout  # the newest model
-    assert "Validation not predicted: the final fit trained on those photos" in predicted.stdout
+    assert predict_main(["--tta", "0", "--profile", "smoke", "--workdir", str(root)]) == 0
+    predicted = capsys.readouterr().out
+    assert "stage 8 (final fit on training + validation images)" in predicted  # the newest model
+    assert "Validation not predicted: the final fit trained on those photos" in predicted
     assert not (workdir.report / "validation_probabilities.csv").exists()
 
-    again = run_kit("kit.stage", "--final-fit", "--profile", "smoke", "--workdir", str(root))
-    assert again.returncode == 2 and "--final-fit --restart" in " ".join(again.stderr.split())
+    assert stage_main(["--final-fit", "--profile", "smoke", "--workdir", str(root)]) == 2
+    assert "--final-fit --restart" in " ".join(capsys.readouterr().err.split())
 
 
 def test_final_fit_needs_the_last_stage_and_takes_no_new_settings(stage_one, capsys):
@@ -402,6 +418,35 @@ def test_final_fit_needs_the_last_stage_and_takes_no_new_settings(stage_one, cap
 
 def test_the_stage_record_says_how_it_ran(stage_one):
     """Precision, device, device count and XLA as resolved here (Keras' auto rule: no XLA on a CPU with TensorFlow)."""
-    record = read_manifest(Workdir.resolve(stage_one, SMOKE))["stages"]["1"]
+    record = json.loads(Workdir.resolve(stage_one, SMOKE).manifest.read_text())["stages"]["1"]
     assert record["runtime"] == {"precision": "float32", "device": "CPU", "jit": False, "devices": 1,
                                  "backend": "tensorflow"}
+
+
+def test_the_whole_job_does_not_start_a_prediction_that_the_budget_cannot_fit(smoke_run, tmp_path, capsys):
+    from kit.__main__ import main as run_everything
+
+    root = tmp_path / "run"
+    shutil.copytree(smoke_run.parent, root, symlinks=True)
+    (root / "smoke" / "submissions" / "submission.csv").unlink()
+    assert run_everything(["--smoke", "--workdir", str(root), "--time-budget", "0.01"]) == 3
+    said = " ".join(capsys.readouterr().out.split())
+    assert "Prediction was not started" in said and "Run the same command again" in said
+    assert not (root / "smoke" / "submissions" / "submission.csv").exists()
+
+
+def test_the_manifest_is_typed_and_keeps_what_it_does_not_know(tmp_path):
+    """A record read, changed and written back: typed fields, and a newer kit's keys kept as they were."""
+    workdir = Workdir(tmp_path)
+    workdir.manifest.parent.mkdir(parents=True)
+    workdir.manifest.write_text(json.dumps({"config": None, "costs": {"save": 2.0}, "future": [1],
+                                            "stages": {"1": {"status": "interrupted", "epochs": 3, "later": "x"}}}))
+    manifest = Manifest.read(workdir)
+    assert manifest.record(1).epochs == 3 and manifest.status(1) == "interrupted" and manifest.status(2) == "not started"
+    manifest.update(1, status="done", best_val_accuracy=0.9)
+    saved = json.loads(workdir.manifest.read_text())
+    assert saved["future"] == [1] and saved["costs"] == {"save": 2.0}
+    assert saved["stages"]["1"] == {"later": "x", "status": "done", "epochs": 3, "best_val_accuracy": 0.9}
+    workdir.manifest.write_text("[1, 2]")
+    with pytest.raises(KitError, match="state.json is damaged.*checkpoints next to it are intact"):
+        Manifest.read(workdir)

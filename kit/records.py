@@ -11,7 +11,8 @@ out means "as saved", so `--all`, `python -m kit` and the notebooks resume with 
 
 How a run executes may change from one session to the next without changing what is learned:
   Execution  resume or restart, the time budget, checkpoint interval, the devices (kit.devices),
-             precision (it follows the machine), XLA, determinism, loader threads, the cache folder.
+             precision (it follows the machine), XLA, determinism, loader threads.
+(Where files go, the image cache included, is the work directory's: kit.config.Workdir.)
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kit.cli import PROCESS_START, KitError, session_start
-from kit.config import (COMPETITION_CLASSES, FINAL_FIT_STEP, Head, Profile, Stage, TrainingOptions, Workdir,
-                        override_stage, stage_of)
-from kit.pipeline import default_cache_root
+from kit.config import (COMPETITION_CLASSES, FINAL_FIT_STEP, SEED, VAL_FRACTION, Head, Profile, Stage,
+                        TrainingOptions, Workdir, override_stage, stage_of)
+
+if TYPE_CHECKING:
+    from kit.manifest import StageRecord  # the manifest is built on these records, not the other way round
 
 
 @dataclass(frozen=True)
@@ -140,11 +143,6 @@ class Execution:
     jit: str = "auto"  # "auto" (Keras' rule), "on" or "off"
     deterministic: bool = False
     workers: int = 2
-    cache_dir: Path | None = None
-
-    def cache_root(self, workdir: Workdir) -> Path:
-        """Where the image caches (and JAX's compiled programs) go: --cache-dir, $KIT_CACHE_DIR or <workdir>/cache."""
-        return self.cache_dir or default_cache_root(workdir.cache)
 
 
 # ---- resolving a command line against the saved records ---------------------------------------
@@ -156,8 +154,6 @@ def _flag(name: str) -> str:
 def run_config(saved: dict | None, profile: Profile, requested: Requested, workdir: Workdir,
                classes: tuple[str, ...]) -> RunConfig:
     """The run's config: the saved one once stage 1 has started, refusing flags (or data) that contradict it."""
-    from kit.config import SEED, VAL_FRACTION
-
     if saved is None:
         return RunConfig(profile.name, requested.backbone or profile.backbone, requested.weights or profile.weights,
                          profile.head.units, profile.head.dropout, profile.head.bn_momentum,
@@ -213,7 +209,7 @@ def resumed_plan(saved: dict, step: int, requested: Requested, workdir: Workdir)
     return plan
 
 
-def final_fit_plan(saved: dict | None, last: dict, history: list[dict], requested: Requested,
+def final_fit_plan(saved: dict | None, last: "StageRecord", history: list[dict], requested: Requested,
                    workdir: Workdir) -> StagePlan:
     """The final fit's plan: the saved one once it has started, else the last stage's plan, replayed.
 
@@ -222,7 +218,7 @@ def final_fit_plan(saved: dict | None, last: dict, history: list[dict], requeste
     """
     if saved is not None:
         return resumed_plan(saved, FINAL_FIT_STEP, requested, workdir)
-    if last.get("status") != "done" or "plan" not in last or not last.get("best_epoch") or not history:
+    if last.status != "done" or not last.plan or not last.best_epoch or not history:
         raise KitError(f"The final fit replays the last stage on training + validation images, for the epochs that "
                        f"stage found best, so stage {FINAL_FIT_STEP - 1} must be done first (see "
                        f"'{workdir.command('kit.stage', '--status')}').")
@@ -231,7 +227,7 @@ def final_fit_plan(saved: dict | None, last: dict, history: list[dict], requeste
         raise KitError("The final fit repeats the last stage exactly as it was validated, so it takes no stage "
                        "overrides or training options: drop them (they would make it a different, unvalidated "
                        "training).")
-    replayed, best = StagePlan.from_dict(last["plan"]), int(last["best_epoch"])
+    replayed, best = StagePlan.from_dict(last.plan), int(last.best_epoch)
     return StagePlan(dataclasses.replace(replayed.stage, step=FINAL_FIT_STEP), replayed.class_weights,
                      replayed.options, FinalFit(replayed.stage.step, best,
                                                 tuple(float(row["lr"]) for row in history[:best])))

@@ -6,16 +6,15 @@ batch, and resuming must start at the very next batch. Everything the loop knows
 learning rate, plateau and early-stopping counters, best accuracy, history, running epoch
 metrics) is a LoopState saved with the weights and the optimizer in one atomic checkpoint.
 
-Reading order: the manifest (what is done), the loop's state, then `run_stage`, which checks it
-may start, prepares the data and the model, and then alternates training an epoch, validating
-it and saving; `run_all` chains the stages under one time budget.
+Reading order: the loop's state, what each phase costs, then `run_stage`, which checks it may
+start, prepares the data and the model, and then alternates training an epoch, validating it
+(kit.inference, the path kit.predict scores with) and saving; `run_all` chains the stages under
+one time budget. What is done lives in the manifest (kit.manifest), which the loop updates.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import shutil
 import signal
 import sys
 import time
@@ -28,90 +27,20 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from kit import checkpoint, recipe
-from kit.augment import plain_transform, train_transform
+from kit.augment import train_transform
 from kit.backbones import build_model, set_trainable
 from kit.cli import KitError
 from kit.config import FINAL_FIT_STEP, Stage, Workdir
-from kit.dataset import Split, class_weights, drop_unreadable, load_split
+from kit.dataset import Split, class_weights, drop_unreadable, load_split, read_test
 from kit.devices import Parallel, cache_compilations, choose_precision, describe_device, jit_compile
-from kit.files import atomic_path, write_text
+from kit.files import write_text
+from kit.inference import Subset, predict_labelled
+from kit.manifest import BEST, Manifest, best_weights, stage_args, status_table
 from kit.pipeline import Batches, CacheIncomplete, cache_is_complete, open_training_cache
 from kit.plots import plot_curves
-from kit.run import Execution, RunConfig, StagePlan
+from kit.records import Execution, RunConfig, StagePlan
 
-BEST = "best.weights.npz"
 SAVE_INTERVAL_S = 600  # a checkpoint about every 10 minutes of training unless --save-every says otherwise
-
-
-# ---- the manifest: weights/state.json ---------------------------------------------------------
-
-def read_manifest(workdir: Workdir) -> dict:
-    try:
-        manifest = json.loads(workdir.manifest.read_text())
-        if not isinstance(manifest, dict) or not isinstance(manifest.get("stages", {}), dict):
-            raise ValueError(f"it holds {type(manifest).__name__} {str(manifest)[:40]}, not the kit's record")
-    except FileNotFoundError:
-        manifest = {}
-    except (ValueError, UnicodeDecodeError) as error:
-        raise KitError(f"{workdir.manifest} is damaged ({error}). The checkpoints next to it are intact: delete "
-                       "the file only if you also mean to start the stages over.") from None
-    return {"config": None, "stages": {}, "costs": {}, **manifest}
-
-
-def write_manifest(workdir: Workdir, manifest: dict) -> None:
-    write_text(workdir.manifest, json.dumps(manifest, indent=2))
-
-
-def update_stage_record(workdir: Workdir, step: int, costs: dict | None = None, **fields) -> None:
-    manifest = read_manifest(workdir)
-    manifest["stages"].setdefault(str(step), {}).update(fields)
-    if costs is not None:
-        manifest["costs"] = costs
-    write_manifest(workdir, manifest)
-
-
-def saved_plan(workdir: Workdir, step: int) -> dict | None:
-    """The plan an interrupted stage started with (None when it is done or not started)."""
-    record = read_manifest(workdir)["stages"].get(str(step), {})
-    if stage_status(workdir, step) != "interrupted":
-        return None
-    if "plan" in record:
-        return record["plan"]
-    if "settings" in record:  # a run started before plans were saved: its row is all there is
-        return {"stage": record["settings"], "class_weights": False}
-    return None
-
-
-def stage_args(step: int) -> tuple[str, ...]:
-    """The kit.stage flags that name stage `step` (the final fit has its own)."""
-    return ("--final-fit",) if step == FINAL_FIT_STEP else ("--step", str(step))
-
-
-def read_log(workdir: Workdir, step: int) -> list[dict]:
-    """Stage `step`'s log.csv: one row per finished epoch (loss, accuracy, val_loss, val_accuracy, lr)."""
-    path = workdir.stage_dir(step) / "log.csv"
-    if not path.is_file():
-        return []
-    try:
-        return pd.read_csv(path).to_dict("records")
-    except (ValueError, UnicodeDecodeError) as error:
-        raise KitError(f"{path} is damaged ({error}). It is stage {step}'s record of its epochs (the curves, and "
-                       "the epochs a final fit replays); the weights are intact. A running stage writes it again "
-                       "at its next epoch's end; otherwise delete it to go on without those curves.") from None
-
-
-def best_weights(workdir: Workdir, step: int) -> Path:
-    return workdir.stage_dir(step) / BEST
-
-
-def stage_status(workdir: Workdir, step: int) -> str:
-    """'done', 'interrupted' (also when killed before its first checkpoint) or 'not started'."""
-    record = read_manifest(workdir)["stages"].get(str(step), {})
-    if record.get("status") == "done" and best_weights(workdir, step).is_file():
-        return "done"
-    if record.get("status") in ("running", "interrupted") or checkpoint.list_checkpoints(workdir.stage_dir(step)):
-        return "interrupted"
-    return "not started"
 
 
 # ---- the loop's state ---------------------------------------------------------------------------
@@ -237,8 +166,7 @@ def start_cost(workdir: Workdir, stage: Stage, costs: dict, images: int, executi
         ratio = (stage.image_size / int(size)) ** 2
         known = {k: v * ratio for k, v in by_size[size].items()}
     known = known or {}
-    cache_root = execution.cache_root(workdir)
-    cache = 0.0 if cache_is_complete(cache_root, "train", stage.image_size) else images * costs.get("cache_image_s", 0)
+    cache = 0.0 if cache_is_complete(workdir.cache, "train", stage.image_size) else images * costs.get("cache_image_s", 0)
     step = known.get("step_per_image", 0.0) * stage.batch_size
     steps_per_epoch = stage.steps_per_epoch or images // stage.batch_size
     epoch = steps_per_epoch * step + known.get("validation", 0.0)
@@ -271,38 +199,49 @@ class _StopRequests:
 
 
 @dataclass
+class ValidationSet:
+    """The validation photos from the stage's cache, keyed by Id, with their classes."""
+
+    images: Subset
+    keys: list[str]
+    labels: np.ndarray
+    batch_size: int  # images per forward pass: twice the training batch, as no gradients are kept
+    workers: int
+
+
+@dataclass
 class StageData:
     train: Batches
-    val: Batches
+    val: ValidationSet
     class_weight: np.ndarray | None  # one weight per class, or None
     mix: recipe.BatchMixer  # one-hot targets, MixUp/CutMix where the options ask
     train_images: int
     val_images: int
 
 
-def run_stage(workdir: Workdir, plan: StagePlan, config: RunConfig, execution: Execution) -> str:
+def run_stage(manifest: Manifest, plan: StagePlan, config: RunConfig, execution: Execution) -> str:
     """Train one stage to its end or until stopped; return 'done' or 'stopped' (progress saved)."""
-    stage = plan.stage
-    previous = check_can_start(workdir, plan, execution)
-    costs = read_manifest(workdir)["costs"]
+    stage, workdir = plan.stage, manifest.workdir
+    previous = check_can_start(manifest, plan, execution)
+    costs = manifest.costs
     timer = Timer(costs, stage, execution.budget.deadline)
     with _StopRequests() as stop_requests:
         try:
             data = prepare_data(workdir, plan, config, execution, costs)
         except CacheIncomplete as why:
             if previous is None and not execution.restart:  # begun: --all and a resume keep this plan
-                _record_start(workdir, plan, config)
-            return _stopped(workdir, stage.step, str(why))
+                _record_start(manifest, plan, config)
+            return _stopped(manifest, stage.step, str(why))
         # Only now, with every check passed and the data ready, is an old run of the stage given up.
         if execution.restart:
-            _discard(workdir, stage.step)
+            _discard(manifest, stage.step)
         if previous is None:
-            _record_start(workdir, plan, config)
+            _record_start(manifest, plan, config)
         else:
-            update_stage_record(workdir, stage.step, stopped=None)  # running again: a kill now is no clean stop
+            manifest.update(stage.step, stopped=None)  # running again: a kill now is no clean stop
         if stop_requests.requested or timer.would_pass("setup"):
             why = "a stop request" if stop_requests.requested else "the time budget (the model's set-up would not fit)"
-            return _stopped(workdir, stage.step, why)
+            return _stopped(manifest, stage.step, why)
         setup_started = time.monotonic()
         model, state, parallel = prepare_model(workdir, plan, config, execution, previous, data)
         print(f"Stage {stage.step}{_final_fit_note(plan)}: {config.backbone} at {stage.image_size} px, batch "
@@ -316,24 +255,24 @@ def run_stage(workdir: Workdir, plan: StagePlan, config: RunConfig, execution: E
 
         try:
             while state.epoch < plan.epochs and not state.stopped_early:
-                finished = train_epoch(model, parallel, data, state, timer, stop_requests, execution, workdir,
+                finished = train_epoch(model, parallel, data, state, timer, stop_requests, execution, manifest,
                                        setup_started)
                 setup_started = None
                 if not finished or timer.would_pass("validation"):
                     why = "a stop request" if stop_requests.requested else "the time budget"
-                    save_checkpoint(workdir, model, state, timer)
-                    return _stopped(workdir, stage.step, why, state)
+                    save_checkpoint(manifest, model, state, timer)
+                    return _stopped(manifest, stage.step, why, state)
                 validate_epoch(workdir, model, parallel, data, state, timer)
-                save_checkpoint(workdir, model, state, timer)
+                save_checkpoint(manifest, model, state, timer)
         finally:
             parallel.close()
-    return finish_stage(workdir, state, timer)
+    return finish_stage(manifest, state, timer)
 
 
-def _record_start(workdir: Workdir, plan: StagePlan, config: RunConfig) -> None:
-    update_stage_record(workdir, plan.stage.step, status="running", plan=plan.to_dict(), position=None,
-                        started_at=time.strftime("%Y-%m-%d %H:%M:%S"), stopped=None)
-    _write_config_once(workdir, config)
+def _record_start(manifest: Manifest, plan: StagePlan, config: RunConfig) -> None:
+    manifest.set_config_once(config)
+    manifest.update(plan.stage.step, status="running", plan=plan.to_dict(), position=None,
+                    started_at=time.strftime("%Y-%m-%d %H:%M:%S"), stopped=None)
 
 
 def _final_fit_note(plan: StagePlan) -> str:
@@ -343,20 +282,21 @@ def _final_fit_note(plan: StagePlan) -> str:
             f"{plan.final_fit.epochs} epoch{'s' if plan.final_fit.epochs > 1 else ''}, as validated)")
 
 
-def check_can_start(workdir: Workdir, plan: StagePlan, execution: Execution):
+def check_can_start(manifest: Manifest, plan: StagePlan, execution: Execution):
     """Refuse what would lose or mix work; return the checkpoint to resume from (None: from the start).
 
     It changes nothing: --restart discards the old run only once every check has passed and the
     data is ready (run_stage), so a refused restart leaves the stage, and every later one, as it was.
     """
-    step, folder = plan.stage.step, workdir.stage_dir(plan.stage.step)
+    workdir, step = manifest.workdir, plan.stage.step
+    folder = workdir.stage_dir(step)
     for leftover in folder.glob(".*.tmp"):  # half-written files of a killed run; the renamed ones are intact
         leftover.unlink()
     check_batch_splits(plan.stage, execution.devices)
-    status = "not started" if execution.restart else stage_status(workdir, step)
+    status = "not started" if execution.restart else manifest.status(step)
     if status == "done":
-        record = read_manifest(workdir)["stages"][str(step)]
-        raise KitError(f"Stage {step} is already done (best val_acc {record.get('best_val_accuracy', 0):.4f}). Run "
+        raise KitError(f"Stage {step} is already done (best val_acc {manifest.record(step).best_val_accuracy or 0:.4f}). "
+                       "Run "
                        f"the next stage, or '{workdir.command('kit.stage', *stage_args(step), '--restart')}' to "
                        f"train it again from stage {step - 1}'s weights (later stages are then discarded).")
     previous = checkpoint.newest_readable(folder) if status == "interrupted" else None
@@ -371,7 +311,7 @@ def check_can_start(workdir: Workdir, plan: StagePlan, execution: Execution):
                        f"stopped. Starting it over loses that stage's training so far (earlier stages are intact): "
                        f"'{workdir.command('kit.stage', *stage_args(step), '--restart')}'.")
     if status == "not started":
-        check_starting_weights(workdir, plan)
+        check_starting_weights(manifest, plan)
     return previous
 
 
@@ -382,14 +322,14 @@ def check_batch_splits(stage: Stage, devices: int) -> None:
                        f"--batch-size that {devices} divides.")
 
 
-def check_starting_weights(workdir: Workdir, plan: StagePlan) -> None:
+def check_starting_weights(manifest: Manifest, plan: StagePlan) -> None:
     """A stage starts from the stage before's best weights (the final fit: from those its replayed stage did)."""
     step = plan.stage.step
     start = plan.final_fit.replays if plan.final_fit else step
     if start == 1:
         return
-    before = step - 1
-    if (status := stage_status(workdir, before)) != "done":
+    before, workdir = step - 1, manifest.workdir
+    if (status := manifest.status(before)) != "done":
         resume = ["--resume"] if status == "interrupted" else []
         raise KitError(f"Stage {step} starts from stage {before}'s best weights, but stage {before} is {status}. "
                        f"Run '{workdir.command('kit.stage', '--step', str(before), *resume)}' first (or --all).")
@@ -417,12 +357,13 @@ def prepare_data(workdir: Workdir, plan: StagePlan, config: RunConfig, execution
     """
     stage = plan.stage
     split = run_split(workdir, config)
-    cache_root = execution.cache_root(workdir)
+    cache_root = workdir.cache
     images = len(split.train) + len(split.val)
     started = time.time()
     was_complete = cache_is_complete(cache_root, "train", stage.image_size)
+    test_paths = list(read_test(workdir).path) if config.pseudo_labels else []
     cache, positions = open_training_cache(cache_root, split, stage.image_size, execution.workers,
-                                           deadline=execution.budget.deadline)
+                                           deadline=execution.budget.deadline, test_paths=test_paths)
     if not was_complete:
         costs["cache_image_s"] = max(costs.get("cache_image_s", 0.0), (time.time() - started) / images)
     train = drop_unreadable(split.train, cache.unreadable, "training")
@@ -433,15 +374,14 @@ def prepare_data(workdir: Workdir, plan: StagePlan, config: RunConfig, execution
                             lambda: train_transform(stage.image_size, stage.light_augment), config.seed, stage.step,
                             shuffle=True, workers=execution.workers, steps=stage.steps_per_epoch,
                             positions=train.path.map(positions).to_numpy())
-    val_batches = Batches(cache, val.Category.to_numpy(), stage.batch_size * 2,
-                          lambda: plain_transform(stage.image_size), config.seed, stage.step, shuffle=False,
-                          workers=execution.workers, positions=val.path.map(positions).to_numpy())
+    val_set = ValidationSet(Subset(cache, list(val.path.map(positions))), list(val.Id), val.Category.to_numpy(),
+                            stage.batch_size * 2, execution.workers)
     if len(train_batches) == 0:
         raise KitError(f"Stage {stage.step} has {len(train)} training images, fewer than one batch of "
                        f"{stage.batch_size}: lower --batch-size (with --restart) or add data.")
     weights = class_weights(train.Category.to_numpy(), len(config.classes)) if plan.class_weights else None
     mix = recipe.BatchMixer(plan.options, len(config.classes), config.seed, stage.step)
-    return StageData(train_batches, val_batches, weights, mix, len(train), len(val))
+    return StageData(train_batches, val_set, weights, mix, len(train), len(val))
 
 
 def prepare_model(workdir: Workdir, plan: StagePlan, config: RunConfig, execution: Execution, previous,
@@ -458,7 +398,7 @@ def prepare_model(workdir: Workdir, plan: StagePlan, config: RunConfig, executio
         import tensorflow as tf
 
         tf.config.experimental.enable_op_determinism()
-    cache_compilations(execution.cache_root(workdir))
+    cache_compilations(workdir.compiled)
     precision = choose_precision(execution.precision)
     keras.mixed_precision.set_global_policy(precision)
     parallel = Parallel.over(execution.devices)
@@ -525,7 +465,7 @@ def _set_learning_rate(model: keras.Model, plan: StagePlan, state: LoopState) ->
 
 
 def train_epoch(model: keras.Model, parallel: Parallel, data: StageData, state: LoopState, timer: Timer,
-                stop_requests: _StopRequests, execution: Execution, workdir: Workdir,
+                stop_requests: _StopRequests, execution: Execution, manifest: Manifest,
                 setup_started: float | None) -> bool:
     """Train from the state's position to the epoch's end; False when stopped first (budget or signal)."""
     stage, plan = state.stage, state.stage_plan
@@ -554,7 +494,7 @@ def train_epoch(model: keras.Model, parallel: Parallel, data: StageData, state: 
             bar.set_postfix(loss=f"{state.sums['loss'] / state.sums['seen']:.3f}",
                             acc=f"{state.sums['correct'] / state.sums['seen']:.3f}", refresh=False)
             if timer.save_due(execution.save_every, state.step) and state.step < len(data.train):
-                save_checkpoint(workdir, model, state, timer)
+                save_checkpoint(manifest, model, state, timer)
     finally:
         bar.close()
     return True
@@ -571,7 +511,7 @@ def validate_epoch(workdir: Workdir, model: keras.Model, parallel: Parallel, dat
     started = time.monotonic()
     sums = state.sums
     with recipe.averaged_weights(model):
-        val_loss, val_accuracy = evaluate(model, parallel, data.val)
+        val_loss, val_accuracy = evaluate(model, parallel, data.val, stage, state)
         row = {"epoch": epoch + 1, "loss": sums["loss"] / max(sums["seen"], 1),
                "accuracy": sums["correct"] / max(sums["seen"], 1), "val_loss": val_loss,
                "val_accuracy": val_accuracy, "lr": state.lr}
@@ -590,15 +530,30 @@ def validate_epoch(workdir: Workdir, model: keras.Model, parallel: Parallel, dat
     _write_log(workdir.stage_dir(stage.step), stage.step, state.history)
 
 
-def evaluate(model: keras.Model, parallel: Parallel, batches: Batches) -> tuple[float, float]:
-    """Validation loss and accuracy over every validation image, unaugmented."""
-    total_loss, correct, seen = 0.0, 0, 0
-    for x, y in batches.epoch(0):
-        probs = np.asarray(parallel.predict(model, x), np.float64)
-        total_loss += float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-7, 1.0)).sum())
-        correct += int((probs.argmax(axis=1) == y).sum())
-        seen += len(y)
-    return total_loss / max(seen, 1), correct / max(seen, 1)
+@dataclass
+class _Trained:
+    """The model a stage trains, served to the Predictor as a loaded one is: its batches split over the devices."""
+
+    parallel: Parallel
+    network: keras.Model
+    image_size: int
+    classes: tuple[str, ...]
+
+    @property
+    def model(self) -> "_Trained":
+        return self
+
+    def predict_on_batch(self, views: np.ndarray) -> np.ndarray:
+        return self.parallel.predict(self.network, views)
+
+
+def evaluate(model: keras.Model, parallel: Parallel, val: ValidationSet, stage: Stage,
+             state: LoopState) -> tuple[float, float]:
+    """Validation loss and accuracy over every validation image, unaugmented: the path kit.predict scores with."""
+    served = _Trained(parallel, model, stage.image_size, tuple(state.config["classes"]))
+    _, _, scores = predict_labelled(served, val.images, val.keys, val.labels, tta=1, seed=state.config["seed"],
+                                    workers=val.workers, batch_views=val.batch_size, progress=False)
+    return scores.loss, scores.accuracy
 
 
 def _save_best(workdir: Workdir, model: keras.Model, state: LoopState, val_accuracy: float) -> None:
@@ -633,45 +588,38 @@ def _take_best_on_disk(workdir: Workdir, state: LoopState) -> None:
         state.best_val_accuracy, state.best_epoch = on_disk["val_accuracy"], on_disk["epoch"]
 
 
-def save_checkpoint(workdir: Workdir, model: keras.Model, state: LoopState, timer: Timer) -> None:
+def save_checkpoint(manifest: Manifest, model: keras.Model, state: LoopState, timer: Timer) -> None:
     started = time.monotonic()
     timer.commit(state)
-    folder = workdir.stage_dir(state.stage.step)
+    folder = manifest.workdir.stage_dir(state.stage.step)
     checkpoint.save(folder / checkpoint.checkpoint_name(state.epoch, state.step), model, state.to_dict(),
                     model.optimizer)
     checkpoint.prune(folder)
     timer.last_save = time.monotonic()
     timer.note("save", timer.last_save - started)
-    update_stage_record(workdir, state.stage.step, costs=timer.costs, status="interrupted", runtime=state.runtime,
-                        position={"epoch": state.epoch, "step": state.step},
-                        best_val_accuracy=state.best_val_accuracy, epochs=len(state.history),
-                        wall_time_s=state.wall_time_s)
+    manifest.update(state.stage.step, costs=timer.costs, status="interrupted", runtime=state.runtime,
+                    position={"epoch": state.epoch, "step": state.step}, best_val_accuracy=state.best_val_accuracy,
+                    epochs=len(state.history), wall_time_s=state.wall_time_s)
 
 
-def _stopped(workdir: Workdir, step: int, why: str, state: LoopState | None = None) -> str:
+def _stopped(manifest: Manifest, step: int, why: str, state: LoopState | None = None) -> str:
     """A clean stop, recorded as one: the same command, run again, continues the stage (exit code 3's promise)."""
-    update_stage_record(workdir, step, stopped=why)
+    manifest.update(step, stopped=why)
     where = f" at epoch {state.epoch + 1}, step {state.step}, with a checkpoint" if state else ""
     print(f"Stage {step}: stopped for {why}{where}. Run the same command again to continue (or "
-          f"'{workdir.command('kit.stage', *stage_args(step), '--resume')}'"
+          f"'{manifest.workdir.command('kit.stage', *stage_args(step), '--resume')}'"
           f"{'' if step == FINAL_FIT_STEP else ', or --all'}).")
     return "stopped"
 
 
-def stopped_cleanly(workdir: Workdir, step: int) -> bool:
-    """Was stage `step` last stopped by the kit itself (budget, signal), not killed or crashed?"""
-    return bool(read_manifest(workdir)["stages"].get(str(step), {}).get("stopped"))
-
-
-def finish_stage(workdir: Workdir, state: LoopState, timer: Timer) -> str:
-    stage, folder = state.stage, workdir.stage_dir(state.stage.step)
+def finish_stage(manifest: Manifest, state: LoopState, timer: Timer) -> str:
+    stage, folder = state.stage, manifest.workdir.stage_dir(state.stage.step)
     if state.stopped_early:
         print(f"Stage {stage.step}: early stop, no improvement for {stage.early_stop_patience} epochs")
     timer.commit(state)
-    update_stage_record(workdir, stage.step, costs=timer.costs, status="done", runtime=state.runtime,
-                        best_val_accuracy=state.best_val_accuracy, best_epoch=state.best_epoch,
-                        epochs=len(state.history), wall_time_s=state.wall_time_s, position=None,
-                        finished_at=time.strftime("%Y-%m-%d %H:%M:%S"))
+    manifest.update(stage.step, costs=timer.costs, status="done", runtime=state.runtime,
+                    best_val_accuracy=state.best_val_accuracy, best_epoch=state.best_epoch, epochs=len(state.history),
+                    wall_time_s=state.wall_time_s, position=None, finished_at=time.strftime("%Y-%m-%d %H:%M:%S"))
     for old in checkpoint.list_checkpoints(folder):  # the stage is done: its best weights are what matters
         old.unlink()
     if state.stage_plan.final_fit:
@@ -691,112 +639,42 @@ def _write_log(folder: Path, step: int, history: list[dict]) -> None:
     plot_curves({f"stage {step}": history}, folder / "curves.png")
 
 
-def _write_config_once(workdir: Workdir, config: RunConfig) -> None:
-    manifest = read_manifest(workdir)
-    if manifest["config"] is None:
-        manifest["config"] = dataclasses.asdict(config)
-        write_manifest(workdir, manifest)
-
-
-def _discard(workdir: Workdir, step: int) -> None:
+def _discard(manifest: Manifest, step: int) -> None:
     """--restart: drop stage `step`'s run and every later stage's (done or interrupted), all trained from it."""
-    manifest = read_manifest(workdir)
-    later = sorted({int(s) for s in manifest["stages"] if int(s) > step} |
-                   {int(p.name.split("_")[1]) for p in workdir.weights.glob("stage_*")
-                    if p.name.split("_")[1].isdigit() and int(p.name.split("_")[1]) > step})
+    later = manifest.later_steps(step)
     for s in [step, *later]:
-        folder = workdir.stage_dir(s)
-        for old in [*checkpoint.list_checkpoints(folder), folder / BEST, folder / "log.csv", folder / "curves.png"]:
-            old.unlink(missing_ok=True)
-        manifest["stages"].pop(str(s), None)
+        manifest.forget(s)
     if later:
         print(f"note: stages {', '.join(map(str, later))} were trained from the old stage {step}; discarded too")
-    write_manifest(workdir, manifest)
+    manifest.save()
 
 
-def copy_run(source: Workdir, target: Workdir) -> None:
-    """Continue a run saved elsewhere: copy its weights/ (manifest, split, every stage's files) into `target`.
-
-    On Kaggle a new session sees the previous version's output read-only under /kaggle/input; the
-    run must be copied into /kaggle/working to continue. Nothing is copied into a work directory
-    that holds a run already (a notebook re-run), and the manifest is copied last, so a copy
-    killed halfway is not taken for a run and is simply done again.
-    """
-    if not source.manifest.is_file():
-        raise KitError(f"{source.root} holds no run of the kit (no {source.manifest.relative_to(source.root)}). On "
-                       "Kaggle, attach the previous version's output (Add Input > Your Work) and give its car-kit "
-                       "folder, e.g. /kaggle/input/NOTEBOOK/car-kit.")
-    if target.manifest.is_file():
-        print(f"{target.weights} already holds a run; nothing copied. Delete that folder first to replace it "
-              f"with the one in {source.weights}.")
-        return
-    files = sorted((p for p in source.weights.rglob("*") if p.is_file() and not p.name.startswith(".")),
-                   key=lambda p: p == source.manifest)
-    for path in tqdm(files, desc="copying the run", unit="file", mininterval=1.0):
-        with atomic_path(target.weights / path.relative_to(source.weights)) as tmp:
-            shutil.copyfile(path, tmp)
-    print(f"Copied the run of {source.root} ({len(files)} files) into {target.weights}.")
-
-
-def status_table(workdir: Workdir, stages: tuple[Stage, ...]) -> str:
-    """One line per stage, and one for the final fit once it has started (its val_acc is on images it trained on)."""
-    manifest = read_manifest(workdir)
-    lines = [f"{'step':>4}  {'size':>4}  {'trainable':<26} {'status':<34} {'best val_acc':>12} {'epochs':>6}"
-             f" {'wall time':>9}"]
-    final = manifest["stages"].get(str(FINAL_FIT_STEP))
-    for stage in (*stages, *([Stage(**final["plan"]["stage"])] if final and "plan" in final else [])):
-        record = manifest["stages"].get(str(stage.step), {})
-        status = stage_status(workdir, stage.step)
-        if status == "interrupted":
-            # The newest checkpoint's own name, not the record: a kill can land between the two writes.
-            newest = checkpoint.list_checkpoints(workdir.stage_dir(stage.step))
-            if newest:
-                epoch, step = checkpoint.position_of(newest[0])
-                status = f"interrupted at epoch {epoch + 1} step {step}"
-            else:
-                status = "interrupted (no checkpoint yet)"
-        row = Stage(**record["plan"]["stage"]) if "plan" in record else stage
-        best = record.get("best_val_accuracy")
-        best = f"{best:.4f}" if best is not None and best >= 0 else "-"
-        what = row.describe_trainable()
-        if stage.step == FINAL_FIT_STEP:
-            what, best = "final fit: train + val", f"({best} seen)" if best != "-" else best
-        wall = record.get("wall_time_s")
-        lines.append(f"{row.step:>4}  {row.image_size:>4}  {what:<26} {status:<34} "
-                     f"{best:>12} {record.get('epochs', '-'):>6} {_hours(wall) if wall else '-':>9}")
-    return "\n".join(lines)
-
-
-def _hours(seconds: float) -> str:
-    return f"{int(seconds // 3600)}:{int(seconds % 3600 // 60):02d}:{int(seconds % 60):02d}"
-
-
-def run_all(workdir: Workdir, plans: list[StagePlan], config: RunConfig, execution: Execution) -> str:
+def run_all(manifest: Manifest, plans: list[StagePlan], config: RunConfig, execution: Execution) -> str:
     """Every stage not yet done, in order, resuming an interrupted one; stops at the first that stops.
 
     `plans` holds each stage's saved plan where it has one: an interrupted stage resumes as it
     started, overrides included. A stage is started only if, by the costs measured so far, its
     set-up and first checkpoint fit in what is left of the budget.
     """
-    images = None
+    images, workdir = None, manifest.workdir
     for plan in plans:
         step = plan.stage.step
-        status = stage_status(workdir, step)
+        status = manifest.status(step)
         if status == "done":
             continue
         if execution.budget.limited:
             if images is None:
                 split = run_split(workdir, config)
                 images = len(split.train) + len(split.val)
-            needed = start_cost(workdir, plan.stage, read_manifest(workdir)["costs"], images, execution)
+            needed = start_cost(workdir, plan.stage, manifest.costs, images, execution)
             if needed > execution.budget.left():
                 print(f"Stage {step} was not started: by the costs measured so far it needs about "
                       f"{needed / 60:.1f} min to set up and reach its first checkpoint, and "
                       f"{max(execution.budget.left(), 0) / 60:.1f} min of the budget are left.")
                 return "stopped"
-        result = run_stage(workdir, plan, config, dataclasses.replace(
+        result = run_stage(manifest, plan, config, dataclasses.replace(
             execution, resume=status == "interrupted", restart=False))
         if result != "done":
             return result
-    print(status_table(workdir, tuple(p.stage for p in plans)))
+    print(status_table(manifest, tuple(p.stage for p in plans)))
     return "done"

@@ -1,0 +1,243 @@
+"""The run's manifest, weights/state.json: what each stage is, read once per command, written in one place.
+
+A command reads it once (`Manifest.read`) and passes the object along; the loop and the commands
+ask it, not the file. Each stage has a typed record (status, plan, position, runtime, results);
+`Manifest.update` changes a record and writes the whole manifest atomically, so a kill leaves
+either the old file or the new one. What a stage's status is also depends on the files beside
+it (a done stage needs its best weights; a checkpoint means it was interrupted), so the status
+is asked of the manifest, which knows where they are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from kit import checkpoint
+from kit.cli import KitError
+from kit.config import FINAL_FIT_STEP, Stage, Workdir
+from kit.files import atomic_path, write_text
+from kit.records import RunConfig, StagePlan
+
+BEST = "best.weights.npz"
+
+
+@dataclass
+class StageRecord:
+    """One stage's entry in the manifest."""
+
+    status: str = ""  # as written: "running", "interrupted" or "done" ("" before it starts)
+    plan: dict | None = None  # StagePlan.to_dict(), fixed when the stage starts
+    position: dict | None = None  # {"epoch", "step"} of the newest checkpoint while interrupted
+    runtime: dict = field(default_factory=dict)  # precision, device, devices, backend, jit of the last session
+    best_val_accuracy: float | None = None
+    best_epoch: int | None = None
+    epochs: int | None = None  # epochs finished
+    wall_time_s: float | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    stopped: str | None = None  # why the kit itself last stopped it (budget, signal); None once it runs again
+    settings: dict | None = None  # runs started before plans were saved kept their stage row here
+    other: dict = field(default_factory=dict)  # keys a newer kit wrote: kept as they are
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> "StageRecord":
+        names = {f.name for f in dataclasses.fields(cls)} - {"other"}
+        known = {k: v for k, v in saved.items() if k in names}
+        return cls(**known, other={k: v for k, v in saved.items() if k not in names})
+
+    def to_dict(self) -> dict:
+        saved = {k: v for k, v in dataclasses.asdict(self).items() if k != "other" and v not in (None, {})}
+        return {**self.other, **saved}
+
+    @property
+    def stage_plan(self) -> StagePlan | None:
+        return StagePlan.from_dict(self.plan) if self.plan else None
+
+
+class Manifest:
+    """weights/state.json as an object: the run's config, one StageRecord per stage, the costs measured so far."""
+
+    def __init__(self, workdir: Workdir, config: dict | None = None, stages: dict[int, StageRecord] | None = None,
+                 costs: dict | None = None, other: dict | None = None):
+        self.workdir = workdir
+        self.config = config  # RunConfig as a dict; None until stage 1 starts
+        self.stages = stages or {}
+        self.costs = costs or {}  # setup/step/validation/save seconds by image size (Timer), cache seconds per image
+        self.other = other or {}  # what a newer kit wrote: kept as it is
+
+    @classmethod
+    def read(cls, workdir: Workdir) -> "Manifest":
+        path = workdir.manifest
+        try:
+            saved = json.loads(path.read_text())
+            if not isinstance(saved, dict) or not isinstance(saved.get("stages", {}), dict):
+                raise ValueError(f"it holds {type(saved).__name__} {str(saved)[:40]}, not the kit's record")
+            stages = {int(step): StageRecord.from_dict(record) for step, record in saved.get("stages", {}).items()}
+        except FileNotFoundError:
+            return cls(workdir)
+        except (ValueError, UnicodeDecodeError, TypeError, AttributeError) as error:
+            raise KitError(f"{path} is damaged ({error}). The checkpoints next to it are intact: delete the file only "
+                           "if you also mean to start the stages over.") from None
+        other = {k: v for k, v in saved.items() if k not in ("config", "stages", "costs")}
+        return cls(workdir, saved.get("config"), stages, saved.get("costs") or {}, other)
+
+    def save(self) -> None:
+        """The whole manifest, written atomically (the one place that writes weights/state.json)."""
+        stages = {str(step): record.to_dict() for step, record in sorted(self.stages.items())}
+        saved = {**self.other, "config": self.config, "stages": stages, "costs": self.costs}
+        write_text(self.workdir.manifest, json.dumps(saved, indent=2))
+
+    @property
+    def run_config(self) -> RunConfig | None:
+        return RunConfig(**self.config) if self.config else None
+
+    def record(self, step: int) -> StageRecord:
+        """Stage `step`'s record (an empty one, not stored, before it starts)."""
+        return self.stages.get(step) or StageRecord()
+
+    def update(self, step: int, costs: dict | None = None, **fields) -> None:
+        record = self.stages.setdefault(step, StageRecord())
+        for name, value in fields.items():
+            setattr(record, name, value)
+        if costs is not None:
+            self.costs = costs
+        self.save()
+
+    def set_config_once(self, config: RunConfig) -> None:
+        if self.config is None:
+            self.config = dataclasses.asdict(config)
+            self.save()
+
+    def best_weights(self, step: int) -> Path:
+        return best_weights(self.workdir, step)
+
+    def status(self, step: int) -> str:
+        """'done', 'interrupted' (also when killed before its first checkpoint) or 'not started'."""
+        record = self.record(step)
+        if record.status == "done" and self.best_weights(step).is_file():
+            return "done"
+        if record.status in ("running", "interrupted") or checkpoint.list_checkpoints(self.workdir.stage_dir(step)):
+            return "interrupted"
+        return "not started"
+
+    def saved_plan(self, step: int) -> dict | None:
+        """The plan an interrupted stage started with (None when it is done or not started)."""
+        record = self.record(step)
+        if self.status(step) != "interrupted":
+            return None
+        if record.plan:
+            return record.plan
+        if record.settings:  # a run started before plans were saved: its row is all there is
+            return {"stage": record.settings, "class_weights": False}
+        return None
+
+    def stopped_cleanly(self, step: int) -> bool:
+        """Was stage `step` last stopped by the kit itself (budget, signal), not killed or crashed?"""
+        return bool(self.record(step).stopped)
+
+    def finished_steps(self) -> list[int]:
+        return sorted(step for step in self.stages if self.status(step) == "done")
+
+    def last_finished(self) -> int | None:
+        """The latest stage that is done (the final fit counts as the last), or None."""
+        done = self.finished_steps()
+        return max(done) if done else None
+
+    def later_steps(self, step: int) -> list[int]:
+        """Stages after `step` that have a record or a folder: everything trained from it."""
+        folders = {int(p.name.split("_")[1]) for p in self.workdir.weights.glob("stage_*")
+                   if p.name.split("_")[1].isdigit()}
+        return sorted(s for s in set(self.stages) | folders if s > step)
+
+    def forget(self, step: int) -> None:
+        """Drop stage `step`'s record and files (--restart), not yet saved: the caller saves once."""
+        folder = self.workdir.stage_dir(step)
+        for old in [*checkpoint.list_checkpoints(folder), folder / BEST, folder / "log.csv", folder / "curves.png"]:
+            old.unlink(missing_ok=True)
+        self.stages.pop(step, None)
+
+
+def read_log(workdir: Workdir, step: int) -> list[dict]:
+    """Stage `step`'s log.csv: one row per finished epoch (loss, accuracy, val_loss, val_accuracy, lr)."""
+    path = workdir.stage_dir(step) / "log.csv"
+    if not path.is_file():
+        return []
+    try:
+        return pd.read_csv(path).to_dict("records")
+    except (ValueError, UnicodeDecodeError) as error:
+        raise KitError(f"{path} is damaged ({error}). It is stage {step}'s record of its epochs (the curves, and "
+                       "the epochs a final fit replays); the weights are intact. A running stage writes it again "
+                       "at its next epoch's end; otherwise delete it to go on without those curves.") from None
+
+
+def best_weights(workdir: Workdir, step: int) -> Path:
+    return workdir.stage_dir(step) / BEST
+
+
+def stage_args(step: int) -> tuple[str, ...]:
+    """The kit.stage flags that name stage `step` (the final fit has its own)."""
+    return ("--final-fit",) if step == FINAL_FIT_STEP else ("--step", str(step))
+
+
+def copy_run(source: Workdir, target: Workdir) -> None:
+    """Continue a run saved elsewhere: copy its weights/ (manifest, split, every stage's files) into `target`.
+
+    On Kaggle a new session sees the previous version's output read-only under /kaggle/input; the
+    run must be copied into /kaggle/working to continue. Nothing is copied into a work directory
+    that holds a run already (a notebook re-run), and the manifest is copied last, so a copy
+    killed halfway is not taken for a run and is simply done again.
+    """
+    if not source.manifest.is_file():
+        raise KitError(f"{source.root} holds no run of the kit (no {source.manifest.relative_to(source.root)}). On "
+                       "Kaggle, attach the previous version's output (Add Input > Your Work) and give its car-kit "
+                       "folder, e.g. /kaggle/input/NOTEBOOK/car-kit.")
+    if target.manifest.is_file():
+        print(f"{target.weights} already holds a run; nothing copied. Delete that folder first to replace it "
+              f"with the one in {source.weights}.")
+        return
+    files = sorted((p for p in source.weights.rglob("*") if p.is_file() and not p.name.startswith(".")),
+                   key=lambda p: p == source.manifest)
+    for path in tqdm(files, desc="copying the run", unit="file", mininterval=1.0):
+        with atomic_path(target.weights / path.relative_to(source.weights)) as tmp:
+            shutil.copyfile(path, tmp)
+    print(f"Copied the run of {source.root} ({len(files)} files) into {target.weights}.")
+
+
+def status_table(manifest: Manifest, stages: tuple[Stage, ...]) -> str:
+    """One line per stage, and one for the final fit once it has started (its val_acc is on images it trained on)."""
+    lines = [f"{'step':>4}  {'size':>4}  {'trainable':<26} {'status':<34} {'best val_acc':>12} {'epochs':>6}"
+             f" {'wall time':>9}"]
+    final = manifest.record(FINAL_FIT_STEP).stage_plan
+    for stage in (*stages, *([final.stage] if final else [])):
+        record = manifest.record(stage.step)
+        status = manifest.status(stage.step)
+        if status == "interrupted":
+            # The newest checkpoint's own name, not the record: a kill can land between the two writes.
+            newest = checkpoint.list_checkpoints(manifest.workdir.stage_dir(stage.step))
+            if newest:
+                epoch, step = checkpoint.position_of(newest[0])
+                status = f"interrupted at epoch {epoch + 1} step {step}"
+            else:
+                status = "interrupted (no checkpoint yet)"
+        row = record.stage_plan.stage if record.plan else stage
+        best = record.best_val_accuracy
+        best = f"{best:.4f}" if best is not None and best >= 0 else "-"
+        what = row.describe_trainable()
+        if stage.step == FINAL_FIT_STEP:
+            what, best = "final fit: train + val", f"({best} seen)" if best != "-" else best
+        wall = record.wall_time_s
+        epochs = "-" if record.epochs is None else record.epochs
+        lines.append(f"{row.step:>4}  {row.image_size:>4}  {what:<26} {status:<34} "
+                     f"{best:>12} {epochs:>6} {_hours(wall) if wall else '-':>9}")
+    return "\n".join(lines)
+
+
+def _hours(seconds: float) -> str:
+    return f"{int(seconds // 3600)}:{int(seconds % 3600 // 60):02d}:{int(seconds % 60):02d}"
