@@ -59,7 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"== prediction (TTA {args.tta})")
     loaded = predict.load_model(predict.weights_path(workdir))
     print(f"Model: {loaded.describe()}")
-    budget, needed = Budget.minutes(args.time_budget), predict.expected_seconds(workdir, loaded, args.tta, validation_too=False)
+    budget = Budget.minutes(args.time_budget)
+    needed = predict.expected_seconds(workdir, loaded, args.tta, validation_too=False)
     if budget.limited and needed > budget.left():
         print(f"Prediction was not started: by the stages' timings it takes about {needed / 60:.1f} min, and "
               f"{max(budget.left(), 0) / 60:.1f} min of the --time-budget are left. Run the same command again in a "

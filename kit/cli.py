@@ -66,8 +66,9 @@ def add_workdir(parser: argparse.ArgumentParser) -> None:
 
 def add_cache_dir(parser) -> None:
     """--cache-dir, for every command that reads photos through the image cache (one rule: Workdir.cache)."""
-    parser.add_argument("--cache-dir", type=Path, help="image cache folder (default: $KIT_CACHE_DIR or <workdir>/cache); "
-                                                       "give every command the same one")
+    parser.add_argument("--cache-dir", type=Path,
+                        help="image cache folder (default: $KIT_CACHE_DIR or <workdir>/cache); give every command "
+                             "the same one")
 
 
 class Terminated(Exception):

@@ -105,7 +105,6 @@ class Subset:
         return len(self.positions)
 
 
-
 @dataclass(frozen=True)
 class Scores:
     """How well probabilities match the true classes; unreadable photos (NaN rows) are listed, not scored."""

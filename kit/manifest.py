@@ -94,10 +94,6 @@ class Manifest:
         saved = {**self.other, "config": self.config, "stages": stages, "costs": self.costs}
         write_text(self.workdir.manifest, json.dumps(saved, indent=2))
 
-    @property
-    def run_config(self) -> RunConfig | None:
-        return RunConfig(**self.config) if self.config else None
-
     def record(self, step: int) -> StageRecord:
         """Stage `step`'s record (an empty one, not stored, before it starts)."""
         return self.stages.get(step) or StageRecord()
@@ -142,13 +138,9 @@ class Manifest:
         """Was stage `step` last stopped by the kit itself (budget, signal), not killed or crashed?"""
         return bool(self.record(step).stopped)
 
-    def finished_steps(self) -> list[int]:
-        return sorted(step for step in self.stages if self.status(step) == "done")
-
     def last_finished(self) -> int | None:
         """The latest stage that is done (the final fit counts as the last), or None."""
-        done = self.finished_steps()
-        return max(done) if done else None
+        return max((step for step in self.stages if self.status(step) == "done"), default=None)
 
     def later_steps(self, step: int) -> list[int]:
         """Stages after `step` that have a record or a folder: everything trained from it."""

@@ -17,6 +17,7 @@ nothing is ever silently incomplete.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,24 +181,34 @@ def validation_set(workdir: Workdir, loaded: LoadedModel, workers: int):
     return Subset(cache, [position[p] for p in val.path]), list(val.Id), val.Category.to_numpy(), list(val.path)
 
 
-def validation_probabilities(workdir: Workdir, loaded: LoadedModel, views: int, seed: int,
-                             workers: int = DEFAULT_WORKERS, batch_views: int = VIEWS_PER_BATCH):
-    """The validation photos' probabilities with `views` views, computed once per model, view count and seed.
+def validation_probabilities(workdir: Workdir, loaded: LoadedModel, validation, views: int, seed: int,
+                             workers: int = DEFAULT_WORKERS,
+                             batch_views: int = VIEWS_PER_BATCH) -> tuple[np.ndarray, dict[str, str]]:
+    """The probabilities of `validation` (what validation_set returns) with `views` views, and the photos that
+    could not be read: computed once per model, view count and seed.
 
     kit.predict and kit.report both score the validation photos (a notebook runs one after the
     other): the probabilities are kept in report/validation_views<N>.npz with what they belong to
     (the weights file's sha256, the seed, the photos), and reused while all of it is unchanged.
-    Returns (probabilities, unreadable, keys, labels).
     """
-    images, keys, labels, _ = validation_set(workdir, loaded, workers)
+    images, keys, labels, _ = validation
     path = workdir.report / f"validation_views{max(views, 1)}.npz"
-    made_of = {"weights": sha256(loaded.source), "seed": seed, "image_size": loaded.image_size, "keys": keys}
+    stat = Path(loaded.source).stat()
+    weights = _digest(Path(loaded.source), stat.st_mtime_ns, stat.st_size)
+    made_of = {"weights": weights, "seed": seed, "image_size": loaded.image_size, "keys": keys}
     stored = checkpoint.read_state(path) or {}
     if stored.get("made_of") == made_of:
-        return checkpoint.read(path)[0]["probs"], stored["unreadable"], keys, labels
+        return checkpoint.read(path)[0]["probs"], stored["unreadable"]
     probs, unreadable, _ = predict_labelled(loaded, images, keys, labels, views, seed, workers, batch_views)
     checkpoint.write_arrays(path, {"probs": probs}, {"made_of": made_of, "unreadable": unreadable})
-    return probs, unreadable, keys, labels
+    return probs, unreadable
+
+
+@functools.lru_cache(maxsize=4)
+def _digest(path: Path, mtime_ns: int, size: int) -> str:
+    """A weights file's sha256, once per version of it (time and size are the key): the report asks at each
+    view count, and B6's file is 170 MB."""
+    return sha256(path)
 
 
 def predict_validation(workdir: Workdir, loaded: LoadedModel, tta: int = TTA_VIEWS, seed: int = SEED,
@@ -213,7 +224,9 @@ def predict_validation(workdir: Workdir, loaded: LoadedModel, tta: int = TTA_VIE
         return "Validation not predicted: the final fit trained on those photos."
     if not workdir.split_csv.is_file():
         return f"Validation not predicted: no run in {workdir} holds a validation split."
-    probs, _, keys, labels = validation_probabilities(workdir, loaded, tta, seed, workers, batch_views)
+    validation = validation_set(workdir, loaded, workers)
+    probs, _ = validation_probabilities(workdir, loaded, validation, tta, seed, workers, batch_views)
+    keys, labels = validation[1], validation[2]
     write_text(path, labelled_probability_table(keys, probs, labels, loaded.classes).to_csv(index=False))
     return (f"Validation accuracy (TTA {tta}): {score(probs, labels).accuracy:.4f}; probabilities in {path} (for "
             "kit.ensemble)")

@@ -159,8 +159,8 @@ def write_report(workdir: Workdir, loaded: LoadedModel, tta: int, seed: int, wor
     summary = [f"Model: {loaded.describe()}"]
     for name, (images, keys, labels, paths) in sections.items():
         if name == "validation":  # scored once per model and view count: kit.predict may have done it already
-            def predictions(views: int):
-                return validation_probabilities(workdir, loaded, views, seed, workers)[:2]
+            def predictions(views: int, validation=sections["validation"]):
+                return validation_probabilities(workdir, loaded, validation, views, seed, workers)
         else:
             def predictions(views: int, images=images, keys=keys):
                 return Predictor(loaded, views, seed, workers).predict_many(images, list(keys))

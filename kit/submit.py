@@ -127,8 +127,8 @@ def read_sent(path: Path) -> list[Sent]:
                        "COMPETITION'. Delete the record to start a new one.") from None
 
 
-def record_sent(path: Path, sent: Sent) -> None:
-    write_text(path, json.dumps([asdict(entry) for entry in [*read_sent(path), sent]], indent=2, ensure_ascii=False))
+def write_sent(path: Path, sent: list[Sent]) -> None:
+    write_text(path, json.dumps([asdict(entry) for entry in sent], indent=2, ensure_ascii=False))
 
 
 def sent_before(sent: list[Sent], digest: str, competition: str) -> Sent | None:
@@ -173,15 +173,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                        "of its own, and submit from there.")
     record = workdir.submissions / "submitted.json"
     digest = sha256(submission) if submission.is_file() else ""
-    earlier = sent_before(read_sent(record), digest, description.competition)
+    sent = read_sent(record)
+    earlier = sent_before(sent, digest, description.competition)
     if earlier and not args.again:
         print(f"{submission} was already submitted to {description.competition} on {earlier.time} as "
               f"{earlier.message!r}; nothing was sent, so no daily submission is spent on a repeat. Add --again to "
               "send it anyway.")
         return 0
     answer = submit(submission, sample, description.labels, args.message, description.competition, predict=predict)
-    record_sent(record, Sent(digest, description.competition, args.message, time.strftime("%Y-%m-%d %H:%M:%S"),
-                             str(submission)))
+    write_sent(record, [*sent, Sent(digest, description.competition, args.message,
+                                    time.strftime("%Y-%m-%d %H:%M:%S"), str(submission))])
     print(f"Submitted {submission} to {description.competition}. Kaggle answered: "
           f"{getattr(answer, 'message', None) or answer}")
     print(f"See the score with: kaggle competitions submissions {description.competition}")

@@ -166,7 +166,8 @@ def start_cost(workdir: Workdir, stage: Stage, costs: dict, images: int, executi
         ratio = (stage.image_size / int(size)) ** 2
         known = {k: v * ratio for k, v in by_size[size].items()}
     known = known or {}
-    cache = 0.0 if cache_is_complete(workdir.cache, "train", stage.image_size) else images * costs.get("cache_image_s", 0)
+    cached = cache_is_complete(workdir.cache, "train", stage.image_size)
+    cache = 0.0 if cached else images * costs.get("cache_image_s", 0)
     step = known.get("step_per_image", 0.0) * stage.batch_size
     steps_per_epoch = stage.steps_per_epoch or images // stage.batch_size
     epoch = steps_per_epoch * step + known.get("validation", 0.0)
@@ -295,8 +296,8 @@ def check_can_start(manifest: Manifest, plan: StagePlan, execution: Execution):
     check_batch_splits(plan.stage, execution.devices)
     status = "not started" if execution.restart else manifest.status(step)
     if status == "done":
-        raise KitError(f"Stage {step} is already done (best val_acc {manifest.record(step).best_val_accuracy or 0:.4f}). "
-                       "Run "
+        best = manifest.record(step).best_val_accuracy or 0
+        raise KitError(f"Stage {step} is already done (best val_acc {best:.4f}). Run "
                        f"the next stage, or '{workdir.command('kit.stage', *stage_args(step), '--restart')}' to "
                        f"train it again from stage {step - 1}'s weights (later stages are then discarded).")
     previous = checkpoint.newest_readable(folder) if status == "interrupted" else None
@@ -357,12 +358,11 @@ def prepare_data(workdir: Workdir, plan: StagePlan, config: RunConfig, execution
     """
     stage = plan.stage
     split = run_split(workdir, config)
-    cache_root = workdir.cache
     images = len(split.train) + len(split.val)
     started = time.time()
-    was_complete = cache_is_complete(cache_root, "train", stage.image_size)
+    was_complete = cache_is_complete(workdir.cache, "train", stage.image_size)
     test_paths = list(read_test(workdir).path) if config.pseudo_labels else []
-    cache, positions = open_training_cache(cache_root, split, stage.image_size, execution.workers,
+    cache, positions = open_training_cache(workdir.cache, split, stage.image_size, execution.workers,
                                            deadline=execution.budget.deadline, test_paths=test_paths)
     if not was_complete:
         costs["cache_image_s"] = max(costs.get("cache_image_s", 0.0), (time.time() - started) / images)
