@@ -1,6 +1,8 @@
 """Training throughput and peak memory, configuration against configuration, in one run of this script.
 
     python bench/train_speed.py                                   # this CPU: jit, backend, devices
+    python bench/train_speed.py --backbone tiny-cnn --size 64 --batch 4 --configs jax/auto/1/float32 \
+        tensorflow/auto/1/float32                                 # where per-step overhead shows
     python bench/train_speed.py --backbone keras-efficientnetb6 --stages 4 5 \\
         --configs jax/auto/1/mixed_bfloat16 jax/auto/1/float32     # a GPU: the recipe's stage 4 and 5 settings
     python bench/train_speed.py --backbone keras-efficientnetb6 --stages 1 2 3 4 5 \\
@@ -10,7 +12,9 @@ Each configuration (backend/jit/devices/precision) runs in its own process, beca
 and the device count are fixed when a process starts; each trains the kit's model with Adam and
 reports images per second fed two ways: (a) by the kit's real pipeline (cache, seeded augmentation
 on worker threads, as `kit.stage` trains) and (b) by the same batch already on the device, which is
-the ceiling the pipeline is measured against. It also times validation (the kit's predict over
+the ceiling the pipeline is measured against. Both feed the kit's step (kit.train_step); in
+memory, `train_on_batch` (the loop's step before it, its loss read each step) takes turns with it
+on the same model and batch, and the table gives their ratio. It also times validation (the kit's predict over
 batches of twice the stage's batch, as each epoch ends) and the set-up (the first training and
 validation steps, which compile). `--stages` takes image size, batch, unfrozen share and
 augmentation from the recipe's stage table; `--batch` overrides the batch (the largest that fits).
@@ -45,6 +49,7 @@ CPU_CONFIGS = ("tensorflow/auto/1/float32", "tensorflow/off/1/float32", "jax/aut
                "tensorflow/auto/2/float32", "jax/auto/2/float32")
 # The full competition data, as the recipe splits it (kit.dataset, 20% validation, a few unreadable photos dropped).
 TRAIN_IMAGES, VAL_IMAGES = 12_452, 3_109
+ROUNDS = 3  # in-memory rounds per step kind; the median round counts
 
 
 def child(config: dict) -> dict:
@@ -61,6 +66,7 @@ def child(config: dict) -> dict:
     from kit.dataset import load_split
     from kit.pipeline import Batches, open_training_cache
     from kit.synthetic import write_synthetic
+    from kit.train_step import TrainStep
 
     keras.mixed_precision.set_global_policy(config["precision"])
     classes, batch, size, steps = len(COMPETITION_CLASSES), config["batch"], config["size"], config["steps"]
@@ -69,7 +75,8 @@ def child(config: dict) -> dict:
         model = build_model(config["backbone"], size, classes, "none", PROFILES["colab"].head)
         set_trainable(model, config["trainable"])
         parallel.prepare(model)
-        model.compile(keras.optimizers.Adam(1e-4), "categorical_crossentropy", jit_compile=jit_compile(config["jit"]))
+        model.compile(keras.optimizers.Adam(1e-4), "categorical_crossentropy", metrics=["categorical_accuracy"],
+                      jit_compile=jit_compile(config["jit"]))
         parallel.build_compiled(model, classes)
 
     workdir = Workdir(Path(tempfile.mkdtemp()))
@@ -81,31 +88,42 @@ def child(config: dict) -> dict:
                       lambda: train_transform(size, config["light_augment"]), 42, 1, shuffle=True,
                       workers=config["workers"], positions=split.train.path.map(positions).to_numpy())
     eye = np.eye(classes, dtype="float32")
-
-    def step(x, y):
-        model.train_on_batch(*parallel.split(x, eye[y]))
+    kit_step = TrainStep(model, parallel)
 
     x, y = batches.batch(0, 0)
     started = time.perf_counter()
-    step(x, y)  # compiles
+    kit_step.run(x, eye[y])
+    kit_step.sync()  # compiled, and finished
     train_setup = time.perf_counter() - started
     for _ in range(config["warmup"]):  # the allocator and autotuning settling
-        step(x, y)
-    # On one device the batch is a backend tensor already; several take numpy shares (the split slices them).
+        kit_step.run(x, eye[y])
+    kit_step.sync()
+    model.train_on_batch(*parallel.split(x, eye[y]))  # train_on_batch compiles its own program (JAX)
+
+    # In memory: the same batch, already a backend tensor on one device (several take numpy shares). The kit's
+    # step and train_on_batch take turns in rounds, so a slow spell of the machine hits both alike.
     on_device = (keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(eye[y])) if parallel.count == 1 else None
-    started = time.perf_counter()
-    for _ in range(steps):
-        if on_device is None:
-            step(x, y)
-        else:
-            model.train_on_batch(*on_device)
-    memory_rate = steps * batch / (time.perf_counter() - started)
+    batch_in_memory = on_device or (x, eye[y])
+    kit_s, keras_s = [], []
+    for _ in range(ROUNDS):
+        started = time.perf_counter()
+        for _ in range(steps):
+            kit_step.run(*batch_in_memory)
+        kit_step.sync()
+        kit_s.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        for _ in range(steps):
+            model.reset_metrics()
+            float(model.train_on_batch(*(on_device or parallel.split(x, eye[y])))[0])  # as the loop used it
+        keras_s.append(time.perf_counter() - started)
+    memory_rate, keras_rate = (steps * batch / float(np.median(t)) for t in (kit_s, keras_s))
     started, done = time.perf_counter(), 0
     for x, y in batches.epoch(1):
-        step(x, y)
+        kit_step.run(x, eye[y])
         done += 1
         if done == steps:
             break
+    kit_step.sync()
     pipeline_rate = done * batch / (time.perf_counter() - started)
 
     # Validation as kit.training.evaluate runs it: unaugmented batches of twice the stage's batch, from numpy.
@@ -119,7 +137,8 @@ def child(config: dict) -> dict:
     for _ in range(steps):
         parallel.predict(model, views)
     val_rate = steps * 2 * batch / (time.perf_counter() - started)
-    return {**config, "memory_images_s": memory_rate, "pipeline_images_s": pipeline_rate, "steps_timed": done,
+    return {**config, "memory_images_s": memory_rate, "train_on_batch_images_s": keras_rate,
+            "pipeline_images_s": pipeline_rate, "steps_timed": done,
             "val_images_s": val_rate, "setup_s": train_setup + val_setup, "jit_used": bool(model.jit_compile),
             "peak_memory_mb": peak_memory_mb(), "device": parallel.describe(), "device_name": describe_device()}
 
@@ -181,13 +200,15 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
     base = rows[0]
     print(f"\n{args.backbone}, {args.steps} timed steps per feed, on {rows[0]['device_name']} "
           f"({os.cpu_count()} cores, {platform.machine()}), {time.strftime('%Y-%m-%d')}; baseline: the first row")
-    print("| stage | px | batch | backend | jit | devices | precision | XLA | in memory img/s | pipeline img/s "
+    print("| stage | px | batch | backend | jit | devices | precision | XLA | in memory img/s "
+          "| train_on_batch img/s | kit step / train_on_batch | pipeline img/s "
           "| pipeline / memory | validation img/s | set-up s | peak memory MB | memory vs baseline "
           "| pipeline vs baseline |")
-    print("|" + "---|" * 16)
+    print("|" + "---|" * 18)
     for r in rows:
         print(f"| {r['stage'] or '-'} | {r['size']} | {r['batch']} | {r['backend']} | {r['jit']} | {r['devices']} "
               f"| {r['precision']} | {'yes' if r['jit_used'] else 'no'} | {r['memory_images_s']:.1f} "
+              f"| {r['train_on_batch_images_s']:.1f} | {r['memory_images_s'] / r['train_on_batch_images_s']:.2f}x "
               f"| {r['pipeline_images_s']:.1f} | {r['pipeline_images_s'] / r['memory_images_s']:.2f} "
               f"| {r['val_images_s']:.1f} | {r['setup_s']:.0f} | {r['peak_memory_mb']:.0f} "
               f"| {r['memory_images_s'] / base['memory_images_s']:.2f}x "

@@ -36,9 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    prepare_devices(args)
     profile = PROFILES["smoke" if args.smoke else args.profile]
     workdir = Workdir.resolve(args.workdir, profile, args.cache_dir)
+    prepare_devices(args, workdir)
     print(f"== data ({workdir.data})")
     if is_verified(workdir):
         print("verified; nothing to do")

@@ -64,6 +64,26 @@ def cache_compilations(folder: Path) -> None:
         jax.config.update("jax_compilation_cache_dir", str(folder))
 
 
+def keep_gpu_autotuning(folder: Path) -> None:
+    """JAX on a GPU: XLA's per-fusion autotuning results kept in `folder` (with the run), set before the backend starts.
+
+    Autotuning picks each convolution's kernel by timing the candidates; for B6 in bfloat16 it took
+    over 200 s on an H100 and ran again in every session. The compilation cache (cache_compilations)
+    keeps whole programs; this keeps the choices per fusion, so a changed program (another stage's
+    unfrozen share, another batch) reuses those of the fusions it shares. It lives with the run,
+    which the notebooks keep between sessions, not in the runtime's local cache that they wipe.
+    Set only under JAX: TensorFlow's XLA would refuse a flag its version does not know.
+    """
+    import keras
+
+    if keras.backend.backend() != "jax":
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_gpu_per_fusion_autotune")]
+    os.environ["XLA_FLAGS"] = " ".join([*flags, f"--xla_gpu_per_fusion_autotune_cache_dir={folder}"])
+
+
 def request_determinism() -> None:
     """--deterministic before the backend starts: JAX's GPU kernels are chosen when XLA starts.
 
@@ -81,7 +101,11 @@ def jit_compile(setting: str) -> str | bool:
 
 
 def device_names() -> list[str]:
-    """This process's devices for training: every accelerator, or else every (logical) CPU device."""
+    """This process's devices for training: every accelerator (a TPU's cores under JAX), else every (logical) CPU.
+
+    Under TensorFlow a TPU is refused (tpu_present): TensorFlow sees a TPU only through a TPU
+    strategy the kit does not build, and would train on the CPU instead without a word.
+    """
     import keras
 
     backend = keras.backend.backend()
@@ -89,12 +113,28 @@ def device_names() -> list[str]:
         import tensorflow as tf
 
         gpus = tf.config.list_logical_devices("GPU")
+        if not gpus and tpu_present():
+            raise KitError("This machine has a TPU, which Keras' TensorFlow backend cannot reach here: the stage would "
+                           "train on the CPU, a hundred times slower. Train under Keras' JAX backend, which takes "
+                           "the TPU's cores as devices (--devices all splits each batch over them): "
+                           "pip install -U 'jax[tpu]', then run the same command with KERAS_BACKEND=jax in front "
+                           "(README, 'Kaggle TPU'). Or pick a GPU runtime.")
         return [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
     if backend == "jax":
         import jax
 
         return [f"{d.platform}:{d.id}" for d in jax.devices()]
     return ["cpu:0"]  # the torch backend: one device
+
+
+TPU_VARIABLES = ("TPU_NAME", "TPU_ACCELERATOR_TYPE", "COLAB_TPU_ADDR")  # what TPU runtimes set (Colab, Kaggle, GCP)
+
+
+def tpu_present(environ: dict | None = None, dev: Path = Path("/dev")) -> bool:
+    """A Cloud TPU on this machine, seen without starting a framework: the variables TPU runtimes set, or
+    the TPU's device files (/dev/accel0... on TPU v2-v4 VMs)."""
+    environ = os.environ if environ is None else environ
+    return any(environ.get(name) for name in TPU_VARIABLES) or any(dev.glob("accel[0-9]*"))
 
 
 def choose_count(requested: str, available: int) -> int:
@@ -132,7 +172,7 @@ class Parallel:
 
             keras.distribution.set_distribution(keras.distribution.DataParallel(devices=jax.devices()[:count]))
             return cls(count)
-            raise KitError("Several devices need Keras' TensorFlow or JAX backend; use --devices 1 with this one.")
+        raise KitError("Several devices need Keras' TensorFlow or JAX backend; use --devices 1 with this one.")
 
     def scope(self):
         """Where the model and its optimizer are built: their variables are mirrored on every device."""
@@ -204,14 +244,23 @@ def _all_layers(model):
 
 def choose_precision(precision: str) -> str:
     """'auto' is the machine's rule (precision_for); any other value is taken as given."""
-    return precision_for(_gpu_compute_capability()) if precision == "auto" else precision
+    if precision != "auto":
+        return precision
+    import keras
+
+    return precision_for(_gpu_compute_capability(), keras.backend.backend())
 
 
-def precision_for(compute_capability: float | None) -> str:
+def precision_for(compute_capability: float | None, backend: str = "tensorflow") -> str:
     """Mixed precision where the GPU has the units for it, Keras' mixed-precision guide's rule: float16 from
     compute capability 7.0 (V100, T4), bfloat16 from 8.0 (A100, L4, H100); float32 below 7.0 (Kaggle's P100,
-    6.0, where float16 is slower than float32) and on a CPU (None)."""
-    if compute_capability is None or compute_capability < 7.0:
+    6.0, where float16 is slower than float32) and on a CPU (None).
+
+    Under JAX a GPU trains in float32: mixed bfloat16 B6 never finished compiling on an H100 (XLA's
+    convolution autotuning ran past 200 s), and no mixed setting has been seen to compile and win
+    there yet. `--precision mixed_bfloat16` still asks for it.
+    """
+    if compute_capability is None or compute_capability < 7.0 or backend == "jax":
         return "float32"
     return "mixed_bfloat16" if compute_capability >= 8.0 else "mixed_float16"
 

@@ -46,9 +46,16 @@ class Predictor:
         plain, extra = transforms or (plain_transform(self.loaded.image_size), tta_transform(self.loaded.image_size))
         return tta_views(image, self.loaded.image_size, self.views, key, self.seed, plain, extra)
 
-    def predict_views(self, views: np.ndarray) -> np.ndarray:
-        """(images * views, size, size, 3) uint8 -> (images, classes), the views' mean."""
-        probs = np.asarray(self.loaded.model.predict_on_batch(views), np.float64)
+    def predict_views(self, views: np.ndarray, pad_to: int = 0) -> np.ndarray:
+        """(images * views, size, size, 3) uint8 -> (images, classes), the views' mean.
+
+        `pad_to`: a shorter batch is padded to that many inputs and the padding's outputs dropped,
+        so the last, short batch runs the program the full ones compiled (XLA compiles per shape).
+        """
+        rows = len(views)
+        if rows < pad_to:
+            views = np.concatenate([views, np.zeros((pad_to - rows, *views.shape[1:]), views.dtype)])
+        probs = np.asarray(self.loaded.model.predict_on_batch(views), np.float64)[:rows]
         return probs.reshape(-1, self.views, len(self.loaded.classes)).mean(axis=1)
 
     def predict_image(self, source: str | Path | Image.Image, key: str = "upload") -> np.ndarray:
@@ -87,7 +94,7 @@ class Predictor:
         with tqdm(total=len(keys), desc=f"predicting (TTA {self.views})", disable=not progress, mininterval=1.0) as bar:
             for rows, views, done in ordered_map(prepare, chunks, self.workers):
                 if views is not None:
-                    probs[rows] = self.predict_views(views)
+                    probs[rows] = self.predict_views(views, pad_to=per_batch * self.views)
                 bar.update(done)
         return probs, unreadable
 

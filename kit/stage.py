@@ -29,7 +29,8 @@ from typing import Sequence
 from kit.cli import EXIT_DONE, EXIT_STOPPED, KitError, add_cache_dir, add_workdir, main_guard, workdir_lock
 from kit.config import BATCHNORM, FINAL_FIT_STEP, PROFILES, SCHEDULES, STEPS, Profile, TrainingOptions, Workdir
 from kit.dataset import parse_fold, read_description, read_pseudo_labels
-from kit.devices import ALL, choose_count, device_names, request_cpu_devices, request_determinism
+from kit.devices import (ALL, choose_count, device_names, keep_gpu_autotuning, request_cpu_devices,
+                         request_determinism)
 from kit.files import sha256, write_bytes
 from kit.manifest import Manifest, copy_run, read_log, status_table
 from kit.pipeline import DEFAULT_WORKERS
@@ -184,14 +185,16 @@ def execution_from(args: argparse.Namespace) -> Execution:
                      jit=args.jit, deterministic=args.deterministic, workers=max(1, args.workers))
 
 
-def prepare_devices(args: argparse.Namespace) -> None:
-    """--devices N on a machine without accelerators (and --deterministic): set before the backend starts."""
+def prepare_devices(args: argparse.Namespace, workdir: Workdir) -> None:
+    """--devices N on a machine without accelerators, --deterministic, the GPU autotuning kept with the run:
+    set before the backend starts."""
     if getattr(args, "deterministic", False):
         request_determinism()
     if args.devices != ALL:
         if not args.devices.isdigit() or int(args.devices) < 1:
             raise KitError(f"--devices takes a number of devices (1, 2, ...) or 'all', not '{args.devices}'.")
         request_cpu_devices(int(args.devices))
+    keep_gpu_autotuning(workdir.compiled / "autotune")
 
 
 def plans_for_all(manifest: Manifest, profile: Profile, requested: Requested) -> list[StagePlan]:
@@ -255,7 +258,6 @@ def final_fit_plan_for(manifest: Manifest, requested: Requested, execution: Exec
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    prepare_devices(args)
     profile = PROFILES[args.profile]
     workdir = Workdir.resolve(args.workdir, profile, args.cache_dir)
     if args.status:  # the manifest alone: no framework is loaded
@@ -267,6 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             copy_run(Workdir.resolve(args.copy_run_from, profile), workdir)
         print(status_table(Manifest.read(workdir), profile.stages))
         return EXIT_DONE
+    prepare_devices(args, workdir)
     return EXIT_DONE if train(workdir, profile, args) == "done" else EXIT_STOPPED
 
 

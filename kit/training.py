@@ -1,8 +1,9 @@
 """Staged fine-tuning with exact resume: the training loop, readable top to bottom.
 
-A stage trains for its epochs from the previous stage's best weights. Its loop is a plain
-`train_on_batch` loop rather than `model.fit`, because fit can only start an epoch at its first
-batch, and resuming must start at the very next batch. Everything the loop knows (position,
+A stage trains for its epochs from the previous stage's best weights. Its loop is a plain loop
+over batches rather than `model.fit`, because fit can only start an epoch at its first batch, and
+resuming must start at the very next batch; each batch goes through kit.train_step, which runs
+the step fit() compiles without train_on_batch's per-call wait. Everything the loop knows (position,
 learning rate, plateau and early-stopping counters, best accuracy, history, running epoch
 metrics) is a LoopState saved with the weights and the optimizer in one atomic checkpoint.
 
@@ -39,6 +40,7 @@ from kit.manifest import BEST, Manifest, best_weights, stage_args, status_table
 from kit.pipeline import Batches, CacheIncomplete, cache_is_complete, open_training_cache
 from kit.plots import plot_curves
 from kit.records import Execution, RunConfig, StagePlan
+from kit.train_step import TrainStep
 
 SAVE_INTERVAL_S = 600  # a checkpoint about every 10 minutes of training unless --save-every says otherwise
 
@@ -74,6 +76,12 @@ class LoopState:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def add_step(self, loss: float, accuracy: float, images: int) -> None:
+        """One finished step's figures into the epoch's running sums (host floats, in step order)."""
+        self.sums["loss"] += loss * images
+        self.sums["correct"] += accuracy * images
+        self.sums["seen"] += images
 
     @classmethod
     def from_dict(cls, saved: dict) -> "LoopState":
@@ -245,6 +253,7 @@ def run_stage(manifest: Manifest, plan: StagePlan, config: RunConfig, execution:
             return _stopped(manifest, stage.step, why)
         setup_started = time.monotonic()
         model, state, parallel = prepare_model(workdir, plan, config, execution, previous, data)
+        step = TrainStep(model, parallel)
         print(f"Stage {stage.step}{_final_fit_note(plan)}: {config.backbone} at {stage.image_size} px, batch "
               f"{stage.batch_size}, lr {state.lr:.2g}, {stage.describe_trainable()}, {state.runtime['precision']}"
               f"{' with XLA' if state.runtime['jit'] else ''} on {state.runtime['device']}"
@@ -256,7 +265,7 @@ def run_stage(manifest: Manifest, plan: StagePlan, config: RunConfig, execution:
 
         try:
             while state.epoch < plan.epochs and not state.stopped_early:
-                finished = train_epoch(model, parallel, data, state, timer, stop_requests, execution, manifest,
+                finished = train_epoch(model, step, data, state, timer, stop_requests, execution, manifest,
                                        setup_started)
                 setup_started = None
                 if not finished or timer.would_pass("validation"):
@@ -464,38 +473,50 @@ def _set_learning_rate(model: keras.Model, plan: StagePlan, state: LoopState) ->
         model.optimizer.learning_rate.assign(state.lr)
 
 
-def train_epoch(model: keras.Model, parallel: Parallel, data: StageData, state: LoopState, timer: Timer,
+def train_epoch(model: keras.Model, step: TrainStep, data: StageData, state: LoopState, timer: Timer,
                 stop_requests: _StopRequests, execution: Execution, manifest: Manifest,
                 setup_started: float | None) -> bool:
-    """Train from the state's position to the epoch's end; False when stopped first (budget or signal)."""
+    """Train from the state's position to the epoch's end; False when stopped first (budget or signal).
+
+    Steps are queued (kit.train_step) and their figures arrive one step later; the model's
+    variables are brought up to date before every checkpoint and when the epoch ends or stops.
+    """
     stage, plan = state.stage, state.stage_plan
     bar = tqdm(total=len(data.train), initial=state.step, desc=f"stage {stage.step} epoch {state.epoch + 1}/"
                f"{plan.epochs}", disable=not sys.stderr.isatty(), leave=False, mininterval=0.5)
+    last_finished = None  # when the newest step's figures arrived: steps are timed finish to finish
+
+    def take(figures: list) -> None:
+        nonlocal setup_started, last_finished
+        if not figures:
+            return
+        for loss, accuracy, images in figures:
+            state.add_step(loss, accuracy, images)
+        now = time.monotonic()
+        if setup_started is not None:  # the first step of a session compiles: part of the set-up
+            timer.note("setup", now - setup_started)
+            setup_started = None
+        elif last_finished is not None:
+            timer.note("step", (now - last_finished) / len(figures))
+        last_finished = now
+
     try:
         for x, y in data.train.epoch(state.epoch, start=state.step):
             if stop_requests.requested or timer.would_pass("step"):
                 return False
-            step_started = time.monotonic()
-            # Per-batch figures whatever the Keras version does with its running metrics.
-            model.reset_metrics()
             x, targets = data.mix(x, y, state.epoch, state.step)
-            batch = (x, targets) if data.class_weight is None else (x, targets, data.class_weight[y])
-            loss, accuracy = model.train_on_batch(*parallel.split(*batch))
-            if setup_started is not None:  # the first step of a session compiles: part of the set-up
-                timer.note("setup", time.monotonic() - setup_started)
-                setup_started = None
-            else:
-                timer.note("step", time.monotonic() - step_started)
-            state.sums["loss"] += float(loss) * len(y)
-            state.sums["correct"] += float(accuracy) * len(y)
-            state.sums["seen"] += len(y)
+            take(step.run(x, targets) if data.class_weight is None else step.run(x, targets, data.class_weight[y]))
             state.step += 1
             bar.update()
-            bar.set_postfix(loss=f"{state.sums['loss'] / state.sums['seen']:.3f}",
-                            acc=f"{state.sums['correct'] / state.sums['seen']:.3f}", refresh=False)
+            if state.sums["seen"]:
+                bar.set_postfix(loss=f"{state.sums['loss'] / state.sums['seen']:.3f}",
+                                acc=f"{state.sums['correct'] / state.sums['seen']:.3f}", refresh=False)
             if timer.save_due(execution.save_every, state.step) and state.step < len(data.train):
+                take(step.sync())
                 save_checkpoint(manifest, model, state, timer)
+                last_finished = None  # the save is no step's time
     finally:
+        take(step.sync())
         bar.close()
     return True
 

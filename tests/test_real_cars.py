@@ -9,6 +9,8 @@ there. Then the report, predictions for a folder, the demo and pseudo-labels, as
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 import urllib.request
@@ -51,9 +53,10 @@ def cpu(root: Path, *args: str) -> list[str]:
     return [*args, "--profile", "cpu", "--workdir", str(root)]
 
 
-def test_report_scores_the_labelled_test_folder(stanford):
-    result = run_kit(*cpu(stanford, "kit.report", "--tta", "2"))
-    assert result.returncode == 0, result.stderr[-2000:]
+def test_report_scores_the_labelled_test_folder(stanford, capsys):
+    from kit.report import main  # the command's own main, in this process: the same code as `python -m kit.report`
+
+    assert main(cpu(stanford, "--tta", "2")) == 0, capsys.readouterr().err[-2000:]
     report = stanford / "submissions" / "report"
     metrics = json.loads((report / "metrics.json").read_text())
     assert metrics["classes"] == CLASSES
@@ -66,7 +69,7 @@ def test_report_scores_the_labelled_test_folder(stanford):
 
 
 def test_report_on_another_labelled_folder(stanford, tmp_path, capsys):
-    from kit.report import main  # the command's own main, in this process (the one above ran as a process)
+    from kit.report import main
 
     for name in ("mazda", "yaris"):
         shutil.copytree(STANFORD5 / "test" / name, tmp_path / "mine" / name)
@@ -103,21 +106,22 @@ def test_predict_a_folder_of_photos(stanford, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def predicted(stanford):
-    """`kit.predict --tta 0` on the run: its output; the test folder's predictions.csv is then in the run."""
-    result = run_kit(*cpu(stanford, "kit.predict", "--tta", "0"))
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result
+def predicted(stanford) -> str:
+    """What `kit.predict --tta 0` printed on the run (its main, in this process); predictions.csv is then in the run."""
+    from kit.predict import main
+
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert main(cpu(stanford, "--tta", "0")) == 0
+    return out.getvalue()
 
 
 def test_predict_writes_the_test_folders_predictions_and_the_validation_probabilities(stanford, predicted):
-    result = predicted
     table = pd.read_csv(stanford / "submissions" / "predictions.csv")
     assert len(table) == 173 and table.Id.str.startswith("test/").all()
     validation = pd.read_csv(stanford / "submissions" / "report" / "validation_probabilities.csv")
     assert list(validation.columns) == ["Id", "label", *CLASSES] and len(validation) == 96
     accuracy = (validation[CLASSES].to_numpy().argmax(axis=1) == validation.label.map(CLASSES.index)).mean()
-    assert f"Validation accuracy (TTA 0): {accuracy:.4f}" in result.stdout
+    assert f"Validation accuracy (TTA 0): {accuracy:.4f}" in predicted
 
 
 def test_demo_names_the_datasets_classes(stanford):
@@ -131,16 +135,16 @@ def test_demo_names_the_datasets_classes(stanford):
 
 
 def test_pseudo_labels_from_a_run_train_a_new_one(stanford, predicted, tmp_path, capsys):
+    from kit.download import main as download_main
+    from kit.pseudo import main as pseudo_main
+    from kit.stage import main as stage_main  # in this process, as the fixture trains: the same mains
+
     labels = tmp_path / "pseudo.csv"
-    result = run_kit("kit.pseudo", "--from", str(stanford), "--threshold", "0.5", "--out", str(labels))
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert pseudo_main(["--from", str(stanford), "--threshold", "0.5", "--out", str(labels)]) == 0
     chosen = pd.read_csv(labels)
     assert list(chosen.columns) == ["Id", "class", "probability"] and len(chosen) > 0
     assert chosen.Id.str.startswith("test/").all() and (chosen.probability >= 0.5).all()
     assert set(chosen["class"]) <= set(CLASSES)
-
-    from kit.download import main as download_main
-    from kit.stage import main as stage_main  # in this process, as the fixture trains: the same mains
 
     new = tmp_path / "new"
     assert download_main(cpu(new, "--from-dir", str(stanford / "data"))) == 0
