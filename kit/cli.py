@@ -39,11 +39,11 @@ class KitError(Exception):
     """A user error: printed as one paragraph that says what to do, never as a traceback."""
 
 
-def session_start(default: float) -> float:
-    """$KIT_SESSION_START (seconds since the epoch), which a notebook sets once per runtime, else `default`."""
+def session_start() -> float:
+    """$KIT_SESSION_START (seconds since the epoch), which a notebook sets once per runtime, else this process's start."""
     text = os.environ.get("KIT_SESSION_START", "")
     try:
-        return float(text) if text else default
+        return float(text) if text else PROCESS_START
     except ValueError:
         raise KitError(f"KIT_SESSION_START={text!r} should be seconds since the epoch, as time.time() gives "
                        "(the notebooks set it in their first cell).") from None
@@ -75,8 +75,20 @@ class Terminated(Exception):
     """SIGTERM outside a training loop (which turns it into a checkpoint and a clean stop of its own)."""
 
 
+_TERMINATION = threading.Event()
+
+
 def _terminate(signum, frame):
+    # Kept as well as raised: raised inside a gc callback (JAX registers one, and TensorFlow imports JAX where
+    # it is installed) or a __del__, the exception is printed and dropped, and the command would run on.
+    _TERMINATION.set()
     raise Terminated
+
+
+def stop_if_terminated() -> None:
+    """Raise Terminated if a SIGTERM came whose exception never reached the command; long loops call it."""
+    if _TERMINATION.is_set():
+        raise Terminated
 
 
 def disk_message(error: OSError) -> str | None:
@@ -111,6 +123,7 @@ def main_guard(main: Callable[[Sequence[str] | None], int],
     def guarded(argv: Sequence[str] | None = None) -> int:
         in_main_thread = sigterm and threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+        _TERMINATION.clear()
         try:
             return main(argv)
         except KitError as error:
@@ -130,6 +143,7 @@ def main_guard(main: Callable[[Sequence[str] | None], int],
             print("interrupted without a checkpoint", file=sys.stderr)
             return EXIT_FAILED
         finally:
+            _TERMINATION.clear()  # the command is over: what it was asked to stop was stopped
             if in_main_thread:
                 signal.signal(signal.SIGTERM, previous)
 

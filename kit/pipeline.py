@@ -28,7 +28,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from kit import augment
-from kit.cli import KitError
+from kit.cli import KitError, stop_if_terminated
 from kit.config import CACHE_SCALE
 from kit.dataset import Split, UnreadableImage, load_resized, resized_short_side
 from kit.files import write_bytes, write_text
@@ -332,10 +332,13 @@ def ordered_map(function: Callable, items: Iterable, workers: int, ahead: int | 
     """`map(function, items)` on `workers` threads, in order, at most `ahead` results in memory.
 
     Unlike Executor.map, which submits everything at once, this never runs far ahead of the
-    consumer: on a CPU-bound model, prepared batches would otherwise pile up in RAM.
+    consumer: on a CPU-bound model, prepared batches would otherwise pile up in RAM. A SIGTERM
+    whose exception was dropped (kit.cli.stop_if_terminated) stops it at the next item.
     """
     if workers <= 1:
-        yield from map(function, items)
+        for item in items:
+            stop_if_terminated()
+            yield function(item)
         return
     ahead = ahead or 2 * workers
     with ThreadPoolExecutor(workers) as pool:
@@ -343,6 +346,8 @@ def ordered_map(function: Callable, items: Iterable, workers: int, ahead: int | 
         for item in items:
             pending.append(pool.submit(function, item))
             if len(pending) >= ahead:
+                stop_if_terminated()
                 yield pending.popleft().result()
         while pending:
+            stop_if_terminated()
             yield pending.popleft().result()

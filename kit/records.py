@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from kit.cli import PROCESS_START, KitError, session_start
+from kit.cli import KitError, session_start
 from kit.config import (COMPETITION_CLASSES, FINAL_FIT_STEP, SEED, VAL_FRACTION, Head, Profile, Stage,
                         TrainingOptions, Workdir, override_stage, stage_of)
 
@@ -120,7 +120,7 @@ class Budget:
     def minutes(cls, minutes: float | None) -> "Budget":
         if minutes is None:
             return cls()
-        return cls(session_start(default=PROCESS_START) + minutes * 60)
+        return cls(session_start() + minutes * 60)
 
     def left(self) -> float:
         return self.deadline - time.time()

@@ -9,12 +9,15 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
 import pytest
 from filelock import FileLock
+
+from fork_server import Forked
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -37,10 +40,52 @@ def real_photos(shared) -> list[Path]:
 
 def run_kit(*args: str, env: dict | None = None, timeout: float = 600,
             cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """`python -m kit...` in a real subprocess, as a user runs it."""
+    """`python -m kit...` as a real process, as a user runs it (forked from a process that imported once)."""
+    return run_command([sys.executable, "-m", *args], env=env, timeout=timeout, cwd=cwd)
+
+
+def kit_process(command: list[str], env: dict | None = None, cwd: Path | None = None, stdout=None, stderr=None):
+    """A real process for `command`, started as subprocess.Popen starts one; `python -m kit...` commands are forks of
+    a process that imported TensorFlow and the kit once (tests/fork_server.py), unless KIT_TEST_FORK=0."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=full_env,
-                          timeout=timeout, cwd=cwd or ROOT)
+    if (command[:2] == [sys.executable, "-m"] and command[2].split(".")[0] == "kit"
+            and os.environ.get("KIT_TEST_FORK", "1") != "0"):
+        return Forked(fork_server(full_env.get("KERAS_BACKEND", "tensorflow")), command[2], command[3:], full_env,
+                      cwd or ROOT, stdout=stdout, stderr=stderr)
+    return subprocess.Popen(command, env=full_env, cwd=cwd or ROOT, stdout=stdout, stderr=stderr, text=True)
+
+
+def run_command(command: list[str], env: dict | None = None, timeout: float = 600,
+                cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """subprocess.run(command, capture_output=True, text=True) through kit_process."""
+    process = kit_process(command, env, cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    return subprocess.CompletedProcess(command, process.returncode, out, err)
+
+
+_SERVERS: dict[str, tuple[str, subprocess.Popen]] = {}
+
+
+def fork_server(backend: str) -> str:
+    """The socket of this test process's fork server for a Keras backend, started (about 12 s) when first needed."""
+    if backend not in _SERVERS:
+        path = os.path.join(tempfile.mkdtemp(prefix="kitfork"), "server")
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "KERAS_BACKEND": backend}
+        server = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fork_server.py"), path], env=env,
+                                  stdout=subprocess.PIPE, text=True, start_new_session=True)
+        if server.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"the {backend} fork server did not start (exit {server.wait()})")
+        _SERVERS[backend] = (path, server)
+    return _SERVERS[backend][0]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for _, server in _SERVERS.values():
+        server.kill()
 
 
 # The shared smoke run trains on JAX where it is installed (CI installs it): the demo, prediction and export
@@ -111,10 +156,30 @@ def stage_one(tmp_path_factory) -> Path:
 SLOW_FIXTURES = ("smoke_run", "stage_one", "stanford", "exported", "trained")
 
 
+# Modules whose tests share a run too costly to build twice: all of a module's tests go to one pytest-xdist worker,
+# collected first so it starts at once while the other worker takes everything else.
+ONE_WORKER = ("tests/test_real_cars.py",)
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if any(name in item.fixturenames for name in SLOW_FIXTURES):
             item.add_marker(pytest.mark.slow)
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in ONE_WORKER)  # stable: the rest keep their order
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist's load scheduling, but ONE_WORKER modules as single units. (xdist_group would say the same;
+    pytest 9.2 stops xdist honouring it: pytest-xdist issue #1386.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Grouped(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::")[0]
+            return module if module in ONE_WORKER else nodeid
+
+    return Grouped(config, log)
 
 
 @contextlib.contextmanager
@@ -125,9 +190,8 @@ def demo_process(*args: str, env: dict | None = None):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    process = subprocess.Popen([sys.executable, "-m", "kit.demo", *args, "--port", str(port)], cwd=ROOT,
-                               env=env or {**os.environ, "PYTHONPATH": str(ROOT)},
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = kit_process([sys.executable, "-m", "kit.demo", *args, "--port", str(port)], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         for _ in range(120):
             try:

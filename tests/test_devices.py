@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_kit
+from conftest import ROOT, run_command, run_kit
 from kit import checkpoint
 from kit.config import PROFILES, Workdir
 from kit.manifest import Manifest
@@ -69,7 +69,7 @@ def test_a_stage_on_every_device_of_eight_resumes_exactly_and_moves_to_one(stage
     shutil.copytree(stage_one, reference)  # stage 1 done on TensorFlow, one device
     shutil.copytree(stage_one, interrupted)
 
-    done = subprocess.run(stage_command(reference, "--step", "2", args=args), capture_output=True, text=True, env=env)
+    done = run_command(stage_command(reference, "--step", "2", args=args), env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "8 devices (data parallel), Keras on jax" in done.stdout
     folder = Workdir.resolve(interrupted, PROFILES["smoke"]).stage_dir(2)
@@ -78,8 +78,7 @@ def test_a_stage_on_every_device_of_eight_resumes_exactly_and_moves_to_one(stage
     kill(process)
     shutil.copytree(interrupted, moved)  # the same interrupted run, to resume on one device
 
-    resumed = subprocess.run(stage_command(interrupted, "--step", "2", "--resume", args=args), capture_output=True,
-                             text=True, env=env)
+    resumed = run_command(stage_command(interrupted, "--step", "2", "--resume", args=args), env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = (Workdir.resolve(root, PROFILES["smoke"]) for root in (reference, interrupted))
     ref, got = best_arrays(a, 2), best_arrays(b, 2)
@@ -87,8 +86,7 @@ def test_a_stage_on_every_device_of_eight_resumes_exactly_and_moves_to_one(stage
     assert log_rows(a, 2) == log_rows(b, 2)
 
     one_device = [*args[:-1], "1"]
-    moved_on = subprocess.run(stage_command(moved, "--step", "2", "--resume", args=one_device), capture_output=True,
-                              text=True, env=env)
+    moved_on = run_command(stage_command(moved, "--step", "2", "--resume", args=one_device), env=env)
     assert moved_on.returncode == 0, moved_on.stderr[-3000:]
     assert ("x 8 (data parallel), Keras on jax and continues under float32 on CPU, Keras on jax"
             in " ".join(moved_on.stdout.split()))

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, STAGE_ARGS, run_kit
+from conftest import ROOT, STAGE_ARGS, kit_process, run_command, run_kit
 
 SMOKE = ["--profile", "smoke"]
 
@@ -125,7 +125,7 @@ def test_after_a_clean_stop_the_same_command_continues(run):
     command = [sys.executable, "-m", "kit.stage", "--step", "2", "--workdir", str(run), *STAGE_ARGS,
                "--save-every", "1"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "KIT_FAULT_SLOW_WRITE": "0.3"}
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = kit_process(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     checkpoints = run / "smoke" / "weights" / "stage_2"
     deadline = time.time() + 240
     while not list(checkpoints.glob("checkpoint-*.npz")) and time.time() < deadline:
@@ -134,8 +134,7 @@ def test_after_a_clean_stop_the_same_command_continues(run):
     out, err = process.communicate(timeout=120)
     assert process.returncode == 3, out[-2000:] + err[-2000:]
     assert "Run the same command again to continue" in out and "Traceback" not in err
-    again = subprocess.run(command, cwd=ROOT, env={**env, "KIT_FAULT_SLOW_WRITE": "0"}, capture_output=True,
-                           text=True, timeout=300)
+    again = run_command(command, env={**env, "KIT_FAULT_SLOW_WRITE": "0"}, timeout=300)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     assert "resuming from checkpoint-" in again.stdout and "Stage 2 done" in again.stdout
 
@@ -268,3 +267,31 @@ def test_paths_that_name_the_wrong_kind_of_thing(run, tmp_path, capsys):
     (tmp_path / "out").mkdir()
     assert ensemble([str(run / "smoke"), str(run / "smoke"), "--out", str(tmp_path / "out")]) == 2
     assert "is a folder" in " ".join(capsys.readouterr().err.split())
+
+
+def test_a_sigterm_dropped_inside_a_gc_callback_still_stops_the_command(capsys, monkeypatch):
+    """Python prints and drops an exception raised in a gc callback (JAX registers one, and TensorFlow imports JAX):
+    the command must still stop with exit 3 at its next loop, not run to its end as if no SIGTERM had come."""
+    import gc
+
+    from kit.cli import main_guard
+    from kit.pipeline import ordered_map
+
+    def terminate_inside_a_callback(phase, info):
+        if phase == "start":
+            signal.raise_signal(signal.SIGTERM)  # the handler runs here, inside the callback
+
+    def command(argv):
+        gc.callbacks.append(terminate_inside_a_callback)
+        try:
+            gc.collect()
+        finally:
+            gc.callbacks.remove(terminate_inside_a_callback)
+        list(ordered_map(str, range(3), workers=2))
+        return 0
+
+    dropped = []
+    monkeypatch.setattr(sys, "unraisablehook", dropped.append)  # where Python sends what a callback raised
+    assert main_guard(command)([]) == 3
+    assert [type(d.exc_value).__name__ for d in dropped] == ["Terminated"]
+    assert "stopped by SIGTERM" in capsys.readouterr().err

@@ -21,9 +21,8 @@ import pytest
 
 from conftest import built_once, demo_process, run_kit
 
-# One worker of pytest-xdist runs this module's tests, sharing its image caches too. pytest 9.2 stops xdist from
-# honouring the group (pytest-xdist issue #1386), so the run itself is built once whatever the scheduling.
-pytestmark = pytest.mark.xdist_group("stanford")
+# One worker of pytest-xdist runs this module's tests (conftest.ONE_WORKER), sharing its image caches too; the run
+# itself is built once whatever the scheduling.
 
 STANFORD5 = Path(__file__).resolve().parents[2] / "shared" / "real-cars" / "stanford5"
 CLASSES = ["jazz", "mazda", "mini cooper", "outlander", "yaris"]

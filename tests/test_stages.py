@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, STAGE_ARGS, run_kit, smoke_workdir
+from conftest import ROOT, STAGE_ARGS, kit_process, run_command, run_kit, smoke_workdir
 from kit import checkpoint
 from kit.cli import KitError
 from kit.config import PROFILES, Workdir, override_stage, stage_of
@@ -42,7 +42,7 @@ def stage_command(root: Path, *extra: str, args=STAGE_ARGS) -> list[str]:
 
 
 def start(command: list[str], env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen(command, env=env or ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return kit_process(command, env=env or ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 def wait_for(predicate, process: subprocess.Popen, timeout: float = 240) -> None:
@@ -99,8 +99,7 @@ def test_resume_after_sigkill_is_exact(stage_one, tmp_path, options):
     shutil.copytree(stage_one, reference)
     shutil.copytree(stage_one, interrupted)
 
-    done = subprocess.run(stage_command(reference, "--step", "2", *options), capture_output=True, text=True,
-                          env=ENV)
+    done = run_command(stage_command(reference, "--step", "2", *options), env=ENV)
     assert done.returncode == 0, done.stderr[-3000:]
 
     folder = Workdir.resolve(interrupted, SMOKE).stage_dir(2)
@@ -120,8 +119,7 @@ def test_resume_after_sigkill_is_exact(stage_one, tmp_path, options):
 
     # The stage's overrides (--epochs 2 --batch-size 8) were saved when it started: no flags needed to resume.
     no_overrides = ["--profile", "smoke", "--deterministic", "--workers", "2"]
-    finish = subprocess.run(stage_command(interrupted, "--step", "2", "--resume", args=no_overrides),
-                            capture_output=True, text=True, env=ENV)
+    finish = run_command(stage_command(interrupted, "--step", "2", "--resume", args=no_overrides), env=ENV)
     assert finish.returncode == 0, finish.stderr[-3000:]
     assert "Stage 2: resuming from checkpoint-" in finish.stdout
     if options:
@@ -149,8 +147,7 @@ def test_resume_under_another_precision_policy(stage_one, tmp_path):
     wait_for(lambda: (folder / checkpoint.checkpoint_name(0, 6)).exists(), second)
     said = kill(second)
     assert "ran under mixed_float16" in said and "the float16 loss scale was dropped" in said, said[-2000:]
-    finish = subprocess.run(stage_command(root, "--step", "2", "--resume", "--precision", "mixed_bfloat16"),
-                            capture_output=True, text=True, env=ENV)
+    finish = run_command(stage_command(root, "--step", "2", "--resume", "--precision", "mixed_bfloat16"), env=ENV)
     assert finish.returncode == 0, finish.stdout[-2000:] + finish.stderr[-2000:]
     assert "ran under float32" in finish.stdout and "continues under mixed_bfloat16" in finish.stdout
     assert Manifest.read(Workdir.resolve(root, SMOKE)).status(2) == "done"
@@ -199,8 +196,8 @@ def test_budget_counts_from_the_session_start_and_stops_a_long_cache_build(tmp_p
     workdir = smoke_workdir(root)
     session_start = time.time() - 40  # the notebook's session began 40 s ago; the budget is 1 minute
     env = {**ENV, "KIT_SESSION_START": str(session_start), "KIT_FAULT_SLOW_DECODE": "0.3"}
-    result = subprocess.run(stage_command(root, "--all", "--time-budget", "1", args=["--profile", "smoke",
-                            "--workers", "2"]), capture_output=True, text=True, env=env)
+    result = run_command(stage_command(root, "--all", "--time-budget", "1", args=["--profile", "smoke",
+                            "--workers", "2"]), env=env)
     ended = time.time()
     assert result.returncode == 3, result.stdout[-2000:] + result.stderr[-2000:]
     assert ended < session_start + 60 + 3, f"ended {ended - session_start - 60:.1f} s after the budget"
