@@ -40,7 +40,7 @@ class KitError(Exception):
 
 
 def session_start() -> float:
-    """$KIT_SESSION_START (seconds since the epoch), which a notebook sets once per runtime, else this process's start."""
+    """$KIT_SESSION_START (seconds since the epoch), which a notebook sets once per runtime, else the process start."""
     text = os.environ.get("KIT_SESSION_START", "")
     try:
         return float(text) if text else PROCESS_START

@@ -45,13 +45,16 @@ def run_kit(*args: str, env: dict | None = None, timeout: float = 600,
 
 
 def kit_process(command: list[str], env: dict | None = None, cwd: Path | None = None, stdout=None, stderr=None):
-    """A real process for `command`, started as subprocess.Popen starts one; `python -m kit...` commands are forks of
-    a process that imported TensorFlow and the kit once (tests/fork_server.py), unless KIT_TEST_FORK=0."""
+    """A real process for `command`, started as subprocess.Popen starts one; `python -m kit...` commands and the tests'
+    own scripts are forks of a process that imported TensorFlow and the kit once (tests/fork_server.py), unless
+    KIT_TEST_FORK=0."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    if (command[:2] == [sys.executable, "-m"] and command[2].split(".")[0] == "kit"
-            and os.environ.get("KIT_TEST_FORK", "1") != "0"):
-        return Forked(fork_server(full_env.get("KERAS_BACKEND", "tensorflow")), command[2], command[3:], full_env,
-                      cwd or ROOT, stdout=stdout, stderr=stderr)
+    kit_module = command[:2] == [sys.executable, "-m"] and command[2].split(".")[0] == "kit"
+    test_script = command[0] == sys.executable and len(command) > 1 and command[1].startswith(str(ROOT / "tests"))
+    if (kit_module or test_script) and os.environ.get("KIT_TEST_FORK", "1") != "0":
+        return Forked(fork_server(full_env.get("KERAS_BACKEND", "tensorflow")), command[2] if kit_module else None,
+                      command[3:] if kit_module else command[2:], full_env, cwd or ROOT, stdout=stdout, stderr=stderr,
+                      script=None if kit_module else command[1])
     return subprocess.Popen(command, env=full_env, cwd=cwd or ROOT, stdout=stdout, stderr=stderr, text=True)
 
 

@@ -10,8 +10,8 @@ environment, working folder, argv and output pipes. Nothing is initialised befor
 TensorFlow op, no JAX backend), so what must be set before a backend starts (XLA_FLAGS, logical
 devices, determinism) is still set by the command itself, as in a fresh process.
 
-What is fixed at import (KERAS_BACKEND) picks the server; a command that is not `python -m kit...`
-runs as a plain subprocess. test_session's pip-install run keeps the plain `python -m` entry point.
+What is fixed at import (KERAS_BACKEND) picks the server; the tests' own scripts (`python tests/X.py`)
+are forked too, run as `python SCRIPT` runs them; any other command runs as a plain subprocess. test_session's pip-install run keeps the plain `python -m` entry point.
 
     server:  python tests/fork_server.py SOCKET   (its environment names the backend)
     client:  Forked(socket, module, args, env, cwd, stdout, stderr)  ~ subprocess.Popen
@@ -102,12 +102,16 @@ def run_child(request: dict, fds: list[int]) -> None:
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
-        sys.argv = [request["module"], *request["args"]]
+        sys.argv = [request["script"] or request["module"], *request["args"]]
         import kit.cli
 
         kit.cli.PROCESS_START = time.time()  # a fresh process's start: its time budget counts from here
         try:
-            runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+            if request["script"]:
+                sys.path.insert(0, str(Path(request["script"]).parent))  # as `python SCRIPT` puts its folder first
+                runpy.run_path(request["script"], run_name="__main__")
+            else:
+                runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
             code = 0
         except SystemExit as exit_:
             code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
@@ -131,9 +135,9 @@ def run_child(request: dict, fds: list[int]) -> None:
 class Forked:
     """A kit command forked by the server, used as a subprocess.Popen is (pid, poll, wait, kill, pipes)."""
 
-    def __init__(self, server: str, module: str, args: list[str], env: dict, cwd: Path | str,
-                 stdout=None, stderr=None, text: bool = True):
-        self.args, self.returncode = [sys.executable, "-m", module, *args], None
+    def __init__(self, server: str, module: str | None, args: list[str], env: dict, cwd: Path | str,
+                 stdout=None, stderr=None, text: bool = True, script: str | None = None):
+        self.args, self.returncode = [sys.executable, *([script] if script else ["-m", module]), *args], None
         self.stdout = self.stderr = None
         null = os.open(os.devnull, os.O_RDONLY)
         out_read = err_read = None
@@ -150,7 +154,7 @@ class Forked:
         ends = [null, out_write, err_write]
         self._connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._connection.connect(server)
-        request = {"module": module, "args": list(args), "env": dict(env), "cwd": str(cwd)}
+        request = {"module": module, "script": script, "args": list(args), "env": dict(env), "cwd": str(cwd)}
         socket.send_fds(self._connection, [json.dumps(request).encode()], ends)
         for fd in set(ends):
             os.close(fd)

@@ -10,7 +10,7 @@ turns the float noise of near-zero gradients into whole steps, so either would h
 compared here (the split of the batch, the gradients' reduction, BatchNorm's statistics over the
 whole batch).
 
-It also trains a second copy with `train_on_batch` (the Keras call the kit's step replaces), and
+On one device it also trains a second copy with `train_on_batch` (the Keras call the kit's step replaces), and
 counts what XLA compiles (JAX) or traces (TensorFlow) once the first step and the first prediction
 have run: later steps and a short last batch of predictions must reuse those programs.
 """
@@ -86,13 +86,15 @@ def main(devices: int, out: str) -> None:
               if keras.backend.backend() == "tensorflow" else -1)
     arrays = {v.path: np.asarray(v) for v in model.weights}
 
-    keras_model = build(parallel)  # the same steps through train_on_batch
-    for x, y in zip(images, targets):
-        keras_model.reset_metrics()
-        keras_model.train_on_batch(*parallel.split(x, y))
+    reference = {}
+    if devices == 1:  # the same steps through train_on_batch, compared on one device
+        keras_model = build(parallel)
+        for x, y in zip(images, targets):
+            keras_model.reset_metrics()
+            keras_model.train_on_batch(*parallel.split(x, y))
+        reference = {"train_on_batch/" + v.path: np.asarray(v) for v in keras_model.weights}
     np.savez(out, probs=probs, figures=np.array(figures), step_compiles=step_compiles,
-             predict_compiles=predict_compiles, predict_traces=traced, **arrays,
-             **{"train_on_batch/" + v.path: np.asarray(v) for v in keras_model.weights})
+             predict_compiles=predict_compiles, predict_traces=traced, **arrays, **reference)
     print(f"{parallel.describe()}: {len(model.weights)} arrays")
 
 

@@ -33,8 +33,8 @@ def test_two_devices_train_the_same_weights_as_one(tmp_path, backend):
     results = {}
     for devices in (1, 2):
         out = tmp_path / f"{devices}.npz"
-        done = subprocess.run([sys.executable, str(ROOT / "tests" / "parallel_steps.py"), str(devices), str(out)],
-                              capture_output=True, text=True, env={**os.environ, **on(backend)}, timeout=300)
+        done = run_command([sys.executable, str(ROOT / "tests" / "parallel_steps.py"), str(devices), str(out)],
+                           env=on(backend), timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         results[devices] = np.load(out)
     one, two = results[1], results[2]
