@@ -11,7 +11,8 @@ TensorFlow op, no JAX backend), so what must be set before a backend starts (XLA
 devices, determinism) is still set by the command itself, as in a fresh process.
 
 What is fixed at import (KERAS_BACKEND) picks the server; the tests' own scripts (`python tests/X.py`)
-are forked too, run as `python SCRIPT` runs them; any other command runs as a plain subprocess. test_session's pip-install run keeps the plain `python -m` entry point.
+are forked too, run as `python SCRIPT` runs them; any other command runs as a plain subprocess.
+test_session's pip-install run keeps the plain `python -m` entry point.
 
     server:  python tests/fork_server.py SOCKET   (its environment names the backend)
     client:  Forked(socket, module, args, env, cwd, stdout, stderr)  ~ subprocess.Popen
