@@ -124,6 +124,13 @@ def main_guard(main: Callable[[Sequence[str] | None], int],
         in_main_thread = sigterm and threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
         _TERMINATION.clear()
+        unraisable = sys.unraisablehook
+
+        def quiet_terminated(dropped) -> None:  # a Terminated that Python drops: the flag stops the command, silently
+            if not isinstance(dropped.exc_value, Terminated):
+                unraisable(dropped)
+
+        sys.unraisablehook = quiet_terminated
         try:
             return main(argv)
         except KitError as error:
@@ -143,6 +150,7 @@ def main_guard(main: Callable[[Sequence[str] | None], int],
             print("interrupted without a checkpoint", file=sys.stderr)
             return EXIT_FAILED
         finally:
+            sys.unraisablehook = unraisable
             _TERMINATION.clear()  # the command is over: what it was asked to stop was stopped
             if in_main_thread:
                 signal.signal(signal.SIGTERM, previous)

@@ -271,7 +271,8 @@ def test_paths_that_name_the_wrong_kind_of_thing(run, tmp_path, capsys):
 
 def test_a_sigterm_dropped_inside_a_gc_callback_still_stops_the_command(capsys, monkeypatch):
     """Python prints and drops an exception raised in a gc callback (JAX registers one, and TensorFlow imports JAX):
-    the command must still stop with exit 3 at its next loop, not run to its end as if no SIGTERM had come."""
+    the command must still stop with exit 3 at its next loop, not run to its end as if no SIGTERM had come, and
+    without the traceback Python prints for what it drops."""
     import gc
 
     from kit.cli import main_guard
@@ -293,5 +294,5 @@ def test_a_sigterm_dropped_inside_a_gc_callback_still_stops_the_command(capsys, 
     dropped = []
     monkeypatch.setattr(sys, "unraisablehook", dropped.append)  # where Python sends what a callback raised
     assert main_guard(command)([]) == 3
-    assert [type(d.exc_value).__name__ for d in dropped] == ["Terminated"]
+    assert not dropped  # the kit took its own Terminated: no "Exception ignored" traceback on stderr
     assert "stopped by SIGTERM" in capsys.readouterr().err
