@@ -49,8 +49,7 @@ class TrainStep:
         else:
             self.model.reset_metrics()  # per-step figures, as train_on_batch reports them
             self.model.make_train_function()
-            parts = self.parallel.split(*batch)
-            logs = self.model.train_function(iter([(*(parts if len(batch) > 1 else (parts,)), None)[:3]]))
+            logs = self.model.train_function(iter([_as_data(self.parallel.split(*batch))]))
         self._in_flight.append((logs, images))
         return self._read(keep=1)
 
@@ -62,9 +61,7 @@ class TrainStep:
         """
         figures = self._read(keep=0)
         if self._state is not None:
-            variables = (self.model.trainable_variables, self.model.non_trainable_variables,
-                         self.model.optimizer.variables)
-            for refs, values in zip(variables, self._state):
+            for refs, values in zip(self._variables(), self._state):
                 for ref, value in zip(refs, values):
                     ref.assign(value)
             self._state = None  # the next step starts from the Keras variables, which a caller may have changed
@@ -75,20 +72,23 @@ class TrainStep:
         done, self._in_flight = self._in_flight[:split], self._in_flight[split:]
         return [(float(logs["loss"]), float(logs.get("categorical_accuracy", np.nan)), images) for logs, images in done]
 
+    def _variables(self) -> tuple[list, list, list]:
+        """The variables the step updates, in the order of its state: trainable, non-trainable, optimizer."""
+        return (self.model.trainable_variables, self.model.non_trainable_variables, self.model.optimizer.variables)
+
     # ---- JAX ------------------------------------------------------------------------------------
 
     def _run_jax(self, batch: tuple[np.ndarray, ...]) -> dict:
         import jax
 
-        model = self.model
         if self._compiled is None:
             self._compile(batch)
         if self._state is None:
             # Committed to their devices as the step's outputs are: a fresh variable's array is not, and a jit
             # that saw uncommitted inputs first compiles again for the committed ones it returns.
-            self._state = tuple([jax.device_put(v.value, v.value.sharding) for v in variables] for variables in (
-                model.trainable_variables, model.non_trainable_variables, model.optimizer.variables))
-        data = tuple(self._to_device(jax, a) for a in (*batch, None)[:3])
+            self._state = tuple([jax.device_put(v.value, v.value.sharding) for v in group]
+                                for group in self._variables())
+        data = tuple(self._to_device(jax, a) for a in _as_data(batch))
         logs, self._state = self._compiled(*self._state, self._zero_metrics, data)
         return logs
 
@@ -98,7 +98,7 @@ class TrainStep:
 
         model = self.model
         # What fit() and train_on_batch do first: build the compiled loss and metrics from a batch's shapes.
-        model._symbolic_build(data_batch=(*batch, None)[:3])
+        model._symbolic_build(data_batch=_as_data(batch))
         self._zero_metrics = [jax.device_put(np.zeros(v.shape, v.dtype), v.value.sharding)
                               for v in model.metrics_variables]
 
@@ -110,8 +110,7 @@ class TrainStep:
         # Under data parallelism the state keeps its layout (Keras' own train_function says the same).
         shardings = None
         if keras.distribution.distribution() is not None:
-            shardings = (None, tuple([v.value.sharding for v in variables] for variables in (
-                model.trainable_variables, model.non_trainable_variables, model.optimizer.variables)))
+            shardings = (None, tuple([v.value.sharding for v in group] for group in self._variables()))
         self._compiled = (jax.jit(step, donate_argnums=(0, 1, 2), out_shardings=shardings) if model.jit_compile
                           else step)  # --jit off: step by step, as Keras runs it then
 
@@ -124,3 +123,8 @@ class TrainStep:
         if distribution is None:
             return jax.device_put(array)
         return keras.distribution.distribute_tensor(array, distribution.get_data_layout(array.shape))
+
+
+def _as_data(batch: tuple) -> tuple:
+    """(x, y) or (x, y, sample_weight) as Keras' train_step takes a batch: always three, the weight maybe None."""
+    return (*batch, None)[:3]
