@@ -134,10 +134,11 @@ def run_child(request: dict, fds: list[int]) -> None:
 # ---- the client ------------------------------------------------------------------------------------
 
 class Forked:
-    """A kit command forked by the server, used as a subprocess.Popen is (pid, poll, wait, kill, pipes)."""
+    """A command forked by the server (a kit module or a test script), used as a subprocess.Popen is (pid, poll,
+    wait, kill, text pipes)."""
 
     def __init__(self, server: str, module: str | None, args: list[str], env: dict, cwd: Path | str,
-                 stdout=None, stderr=None, text: bool = True, script: str | None = None):
+                 stdout=None, stderr=None, script: str | None = None):
         self.args, self.returncode = [sys.executable, *([script] if script else ["-m", module]), *args], None
         self.stdout = self.stderr = None
         null = os.open(os.devnull, os.O_RDONLY)
@@ -162,9 +163,9 @@ class Forked:
         self._replies = self._connection.makefile("r")
         self.pid = int(self._replies.readline())
         if out_read is not None:
-            self.stdout = open(out_read, "r" if text else "rb", closefd=True)
+            self.stdout = open(out_read, closefd=True)
         if err_read is not None:
-            self.stderr = open(err_read, "r" if text else "rb", closefd=True)
+            self.stderr = open(err_read, closefd=True)
 
     def poll(self) -> int | None:
         if self.returncode is None and select.select([self._connection], [], [], 0)[0]:
