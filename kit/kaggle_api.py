@@ -1,4 +1,4 @@
-"""The one place that imports the kaggle package: downloads, submissions, and its errors in plain words.
+"""The one place that imports the kaggle package: downloads, submissions, kernels, models, its errors in plain words.
 
 `import kaggle` authenticates at import time and prints its own help when that fails, so the
 package is imported lazily, quietly, and only by the commands that talk to Kaggle.
@@ -37,6 +37,22 @@ class KaggleClient(Protocol):
 
     def competition_submit(self, file_name: str, message: str, competition: str, quiet: bool = False): ...
 
+    def kernels_push(self, folder: str, timeout: str | None = None, acc: str | None = None): ...
+
+    def kernels_status(self, kernel: str): ...
+
+    def kernels_output(self, kernel: str, path: str, file_pattern: str | None = None, force: bool = False,
+                       quiet: bool = True) -> tuple[list[str], str]: ...
+
+    def model_get(self, model: str): ...
+
+    def model_create_new(self, folder: str): ...
+
+    def model_instance_create(self, folder: str, quiet: bool = False, dir_mode: str = "skip"): ...
+
+    def model_instance_version_create(self, model_instance: str, folder: str, version_notes: str = "",
+                                      quiet: bool = False, dir_mode: str = "skip"): ...
+
 
 def kaggle_api() -> KaggleClient:
     """The kaggle package's API object, authenticated; its exit on missing credentials becomes our message."""
@@ -54,21 +70,42 @@ def kaggle_api() -> KaggleClient:
     return api
 
 
-def page_of(competition: str | None = None, dataset: str | None = None) -> str:
+def username(api: KaggleClient) -> str:
+    """The account the credentials belong to (a token's user is looked up when the API authenticates)."""
+    return getattr(api, "config_values", {}).get("username") or ""
+
+
+def page_of(competition: str | None = None, dataset: str | None = None, kernel: str | None = None,
+            model: str | None = None) -> str:
+    if kernel:
+        return f"https://www.kaggle.com/code/{kernel}"
+    if model:
+        return f"https://www.kaggle.com/models/{model}"
     if dataset:
         return f"https://www.kaggle.com/datasets/{dataset}"
     return f"https://www.kaggle.com/competitions/{competition or COMPETITION}"
 
 
+def _what(competition: str | None, dataset: str | None, kernel: str | None, model: str | None) -> str:
+    if kernel:
+        return f"the notebook '{kernel}'"
+    if model:
+        return f"the model '{model}'"
+    return f"the dataset '{dataset}'" if dataset else f"the competition '{competition or COMPETITION}'"
+
+
 @contextlib.contextmanager
-def kaggle_errors(action: str, competition: str | None = None, dataset: str | None = None) -> Iterator[None]:
+def kaggle_errors(action: str, competition: str | None = None, dataset: str | None = None, kernel: str | None = None,
+                  model: str | None = None) -> Iterator[None]:
     """Translate what the kaggle package raises into one-paragraph messages naming the page to open."""
-    page = page_of(competition, dataset)
-    what = f"the dataset '{dataset}'" if dataset else f"the competition '{competition or COMPETITION}'"
+    page = page_of(competition, dataset, kernel, model)
+    what = _what(competition, dataset, kernel, model)
     try:
         yield
     except KitError:
         raise
+    except ValueError as error:  # the package's own checks of what it was given (a slug, a metadata file)
+        raise KitError(f"{action} failed: the kaggle package refused it ({error}).") from None
     except Exception as error:  # requests' errors are OSErrors too: look at the HTTP status first
         status = http_status(error)
         if status == 401:
@@ -76,6 +113,10 @@ def kaggle_errors(action: str, competition: str | None = None, dataset: str | No
                            "may be expired or mistyped: create a new one at https://www.kaggle.com/settings/api "
                            "and set it again. " + CREDENTIALS_HELP.split(". ", 1)[1]) from None
         if status == 403:
+            if kernel or model:
+                raise KitError(f"{action} failed: Kaggle refused access to {what} (403 Forbidden): it belongs to "
+                               "another account, or is private. Name one of your own (OWNER is your Kaggle user "
+                               "name) and run the command again.") from None
             if dataset:
                 raise KitError(f"{action} failed: Kaggle refused access to {what} (403 Forbidden). It may be "
                                f"private, or need its terms accepted: open {page} logged in as the same user, "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import threading
+import time
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -32,6 +33,13 @@ class Kaggle:
     uploads: dict[str, bytes] = field(default_factory=dict)
     submissions: list[dict] = field(default_factory=list)
     calls: list[str] = field(default_factory=list)
+    # Kernels: every pushed version's SaveKernel request by OWNER/SLUG; the statuses each status call takes in
+    # turn (the last one stays); the latest version's output files (name -> bytes) and log.
+    kernels: dict[str, list[dict]] = field(default_factory=dict)
+    statuses: dict[str, list[str]] = field(default_factory=dict)
+    outputs: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    logs: dict[str, str] = field(default_factory=dict)
+    unverified: bool = False  # an account without phone verification: no internet, no accelerators
     port: int = 0  # where serve() listens: a free port, so test processes running side by side never collide
 
     def environment(self, config_dir: Path) -> dict[str, str]:
@@ -94,11 +102,44 @@ def serve(kaggle: Kaggle) -> ThreadingHTTPServer:
                     return self._error(403, "You must accept this competition's rules before you can submit")
                 token = f"token{len(kaggle.uploads)}"
                 self._json(200, {"token": token, "createUrl": f"http://localhost/upload/{token}"})
+            elif path.endswith("KernelsApiService/SaveKernel"):
+                self._save_kernel(body)
+            elif path.endswith("KernelsApiService/GetKernelSessionStatus"):
+                kernel = f"{body['userName']}/{body['kernelSlug']}"
+                if kernel not in kaggle.kernels:
+                    return self._error(404, f"Kernel {kernel} not found")
+                statuses = kaggle.statuses.setdefault(kernel, ["COMPLETE"])
+                status = statuses.pop(0) if len(statuses) > 1 else statuses[0]
+                failure = "Your notebook tried to allocate more memory than is available." if status == "ERROR" else ""
+                self._json(200, {"status": status, **({"failureMessage": failure} if failure else {})})
+            elif path.endswith("KernelsApiService/ListKernelSessionOutput"):
+                kernel = f"{body['userName']}/{body['kernelSlug']}"
+                if kernel not in kaggle.kernels:
+                    return self._error(404, f"Kernel {kernel} not found")
+                files = [{"fileName": name, "url": f"http://localhost/files/kernels/{kernel.replace('/', '__')}/{name}"}
+                         for name in sorted(kaggle.outputs.get(kernel, {}))]
+                self._json(200, {"files": files, "log": kaggle.logs.get(kernel, "")})
             elif path.endswith("CompetitionApiService/CreateSubmission"):
                 kaggle.submissions.append(body)
                 self._json(200, {"message": "Successfully submitted to the competition", "ref": len(kaggle.submissions)})
             else:
                 self._error(404, f"Not found: {path}")
+
+        def _save_kernel(self, body: dict) -> None:
+            """Kaggle answers a refused push with HTTP 200 and an error, as SaveKernel does."""
+            kernel = body.get("slug", "")
+            if kernel.split("/")[0] != USER:
+                return self._error(403, "You do not have permission to edit this kernel")
+            wants = [what for what in ("enableInternet", "enableGpu", "enableTpu") if body.get(what)]
+            if kaggle.unverified and wants:
+                return self._json(200, {"error": "Phone verification is required to use internet and accelerators "
+                                                 "(" + ", ".join(wants) + ")"})
+            unknown = [c for c in body.get("competitionDataSources", []) if c not in kaggle.competitions]
+            versions = kaggle.kernels.setdefault(kernel, [])
+            versions.append(body)
+            kaggle.statuses[kernel] = ["QUEUED", "RUNNING", "COMPLETE"]
+            self._json(200, {"ref": f"/code/{kernel}", "url": f"https://www.kaggle.com/code/{kernel}",
+                             "versionNumber": len(versions), "invalidCompetitionSources": unknown})
 
         def _download(self, name: str, known: dict[str, Path], kind: str) -> None:
             if name not in known:
@@ -109,18 +150,23 @@ def serve(kaggle: Kaggle) -> ThreadingHTTPServer:
 
         def do_GET(self) -> None:
             path = self._path()
+            for kernel, files in kaggle.outputs.items():
+                prefix = f"/files/kernels/{kernel.replace('/', '__')}/"
+                if path.startswith(prefix) and path[len(prefix):] in files:
+                    return self._file(files[path[len(prefix):]], "application/octet-stream")
             for kind, known in (("competitions", kaggle.competitions), ("datasets", kaggle.datasets)):
                 for name, archive in known.items():
                     if path == f"/files/{kind}/{name.replace('/', '__')}.zip":
-                        data = archive.read_bytes()
-                        self.send_response(200)
-                        self.send_header("Content-Type", "application/zip")
-                        self.send_header("Content-Length", str(len(data)))
-                        self.send_header("Last-Modified", formatdate(archive.stat().st_mtime, usegmt=True))
-                        self.end_headers()
-                        self.wfile.write(data)
-                        return
+                        return self._file(archive.read_bytes(), "application/zip", archive.stat().st_mtime)
             self._error(404, "No such file")
+
+        def _file(self, data: bytes, kind: str, modified: float | None = None) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Last-Modified", formatdate(modified or time.time(), usegmt=True))
+            self.end_headers()
+            self.wfile.write(data)
 
         def do_PUT(self) -> None:
             token = self._path().rsplit("/", 1)[-1]

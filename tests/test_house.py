@@ -10,7 +10,7 @@ from conftest import ROOT
 ORDER = ["kit", "config", "files", "cli", "devices", "kaggle_api", "plots", "pth", "augment", "dataset", "synthetic",
          "download", "pipeline", "records", "checkpoint", "manifest", "efficientnet_lite", "backbones", "recipe",
          "inference", "train_step", "training", "stage", "predict", "cam", "report", "export", "ensemble", "pseudo",
-         "submit", "demo", "notebook", "__main__"]
+         "submit", "demo", "notebook", "remote", "__main__"]
 LATE_ALLOWED = 10  # kit modules imported inside a function: only where they load a heavy framework (a comment says)
 
 
