@@ -285,6 +285,11 @@ class Workdir:
         return self.root / "weights"
 
     @property
+    def tensorboard(self) -> Path:
+        """The run's one TensorBoard event log: with the run, so a copied or pulled run keeps its curves."""
+        return self.weights / "tensorboard"
+
+    @property
     def manifest(self) -> Path:
         return self.weights / "state.json"
 

@@ -43,6 +43,7 @@ class StageRecord:
     started_at: str | None = None
     finished_at: str | None = None
     stopped: str | None = None  # why the kit itself last stopped it (budget, signal); None once it runs again
+    images_seen: int | None = None  # training images the run had seen at its newest save, stages before included
     settings: dict | None = None  # runs started before plans were saved kept their stage row here
     other: dict = field(default_factory=dict)  # keys a newer kit wrote: kept as they are
 
@@ -137,6 +138,10 @@ class Manifest:
     def stopped_cleanly(self, step: int) -> bool:
         """Was stage `step` last stopped by the kit itself (budget, signal), not killed or crashed?"""
         return bool(self.record(step).stopped)
+
+    def images_seen_before(self, step: int) -> int:
+        """Training images the run saw in the stages before `step`: where stage `step`'s curves start."""
+        return max((r.images_seen or 0 for s, r in self.stages.items() if s < step), default=0)
 
     def last_finished(self) -> int | None:
         """The latest stage that is done (the final fit counts as the last), or None."""

@@ -181,6 +181,10 @@ The first session downloads the archive to Drive (1.6 GiB); every session unpack
     ('markdown', """## 6. Train: all seven stages, resumable
 
 The budget (minutes, counted from this session's start) stops training with a checkpoint before the session limit: 690 fits Colab Pro's 12 hours; on the free tier, whose sessions end sooner and at unpredictable times, lower it, and the 10-minute checkpoints cover an early cut-off (a hard kill loses at most the batches since the last one). Until every stage is done this cell stops *Run all*, so nothing below runs on a partial model."""),
+    ('code', """# The training curves, live: loss, accuracy, learning rate and speed, one curve across every stage and session.
+LOGDIR = os.environ['KIT_WORKDIR'] + '/weights/tensorboard'
+%load_ext tensorboard
+%tensorboard --logdir $LOGDIR"""),
     ('code', """kit('kit.stage', '--all', '--time-budget', '690')"""),
     ('markdown', """## 7. Where it stands, curves and report"""),
     ('code', """kit('kit.stage', '--status')

@@ -40,6 +40,7 @@ from kit.manifest import BEST, Manifest, best_weights, stage_args, status_table
 from kit.pipeline import Batches, CacheIncomplete, cache_is_complete, open_training_cache
 from kit.plots import plot_curves
 from kit.records import Execution, RunConfig, StagePlan
+from kit.tensorboard_log import LOG_EVERY, EventLog, TrainingWindow
 from kit.train_step import TrainStep
 
 SAVE_INTERVAL_S = 600  # a checkpoint about every 10 minutes of training unless --save-every says otherwise
@@ -65,6 +66,7 @@ class LoopState:
     wall_time_s: float = 0.0
     stopped_early: bool = False
     runtime: dict = field(default_factory=dict)  # the precision and device of the session that saved it
+    images_seen: int = 0  # training images the run has seen, stages before included: the TensorBoard position
 
     @property
     def stage(self) -> Stage:
@@ -82,6 +84,7 @@ class LoopState:
         self.sums["loss"] += loss * images
         self.sums["correct"] += accuracy * images
         self.sums["seen"] += images
+        self.images_seen += images
 
     @classmethod
     def from_dict(cls, saved: dict) -> "LoopState":
@@ -253,7 +256,9 @@ def run_stage(manifest: Manifest, plan: StagePlan, config: RunConfig, execution:
             return _stopped(manifest, stage.step, why)
         setup_started = time.monotonic()
         model, state, parallel = prepare_model(workdir, plan, config, execution, previous, data)
-        step = TrainStep(model, parallel)
+        if not previous:
+            state.images_seen = manifest.images_seen_before(stage.step)
+        step, events = TrainStep(model, parallel), EventLog(workdir.tensorboard)
         print(f"Stage {stage.step}{_final_fit_note(plan)}: {config.backbone} at {stage.image_size} px, batch "
               f"{stage.batch_size}, lr {state.lr:.2g}, {stage.describe_trainable()}, {state.runtime['precision']}"
               f"{' with XLA' if state.runtime['jit'] else ''} on {state.runtime['device']}"
@@ -266,15 +271,16 @@ def run_stage(manifest: Manifest, plan: StagePlan, config: RunConfig, execution:
         try:
             while state.epoch < plan.epochs and not state.stopped_early:
                 finished = train_epoch(model, step, data, state, timer, stop_requests, execution, manifest,
-                                       setup_started)
+                                       setup_started, events)
                 setup_started = None
                 if not finished or timer.would_pass("validation"):
                     why = "a stop request" if stop_requests.requested else "the time budget"
-                    save_checkpoint(manifest, model, state, timer)
+                    save_checkpoint(manifest, model, state, timer, events)
                     return _stopped(manifest, stage.step, why, state)
-                validate_epoch(workdir, model, parallel, data, state, timer)
-                save_checkpoint(manifest, model, state, timer)
+                validate_epoch(workdir, model, parallel, data, state, timer, events)
+                save_checkpoint(manifest, model, state, timer, events)
         finally:
+            events.close()
             parallel.close()
     return finish_stage(manifest, state, timer)
 
@@ -475,30 +481,36 @@ def _set_learning_rate(model: keras.Model, plan: StagePlan, state: LoopState) ->
 
 def train_epoch(model: keras.Model, step: TrainStep, data: StageData, state: LoopState, timer: Timer,
                 stop_requests: _StopRequests, execution: Execution, manifest: Manifest,
-                setup_started: float | None) -> bool:
+                setup_started: float | None, events: EventLog) -> bool:
     """Train from the state's position to the epoch's end; False when stopped first (budget or signal).
 
     Steps are queued (kit.train_step) and their figures arrive one step later; the model's
     variables are brought up to date before every checkpoint and when the epoch ends or stops.
+    Every LOG_EVERY steps, their loss, accuracy and speed become a point of the TensorBoard curves.
     """
     stage, plan = state.stage, state.stage_plan
     bar = tqdm(total=len(data.train), initial=state.step, desc=f"stage {stage.step} epoch {state.epoch + 1}/"
                f"{plan.epochs}", disable=not sys.stderr.isatty(), leave=False, mininterval=0.5)
     last_finished = None  # when the newest step's figures arrived: steps are timed finish to finish
+    window = TrainingWindow()
 
     def take(figures: list) -> None:
         nonlocal setup_started, last_finished
         if not figures:
             return
-        for loss, accuracy, images in figures:
-            state.add_step(loss, accuracy, images)
-        now = time.monotonic()
+        now, seconds = time.monotonic(), None
         if setup_started is not None:  # the first step of a session compiles: part of the set-up
             timer.note("setup", now - setup_started)
             setup_started = None
         elif last_finished is not None:
-            timer.note("step", (now - last_finished) / len(figures))
+            seconds = (now - last_finished) / len(figures)
+            timer.note("step", seconds)
         last_finished = now
+        for loss, accuracy, images in figures:
+            state.add_step(loss, accuracy, images)
+            window.add(loss, accuracy, images, seconds)
+            if window.steps == LOG_EVERY:
+                window.emit(events, state.images_seen, state.lr)
 
     try:
         for x, y in data.train.epoch(state.epoch, start=state.step):
@@ -513,16 +525,18 @@ def train_epoch(model: keras.Model, step: TrainStep, data: StageData, state: Loo
                                 acc=f"{state.sums['correct'] / state.sums['seen']:.3f}", refresh=False)
             if timer.save_due(execution.save_every, state.step) and state.step < len(data.train):
                 take(step.sync())
-                save_checkpoint(manifest, model, state, timer)
+                window.emit(events, state.images_seen, state.lr)
+                save_checkpoint(manifest, model, state, timer, events)
                 last_finished = None  # the save is no step's time
     finally:
         take(step.sync())
+        window.emit(events, state.images_seen, state.lr)
         bar.close()
     return True
 
 
 def validate_epoch(workdir: Workdir, model: keras.Model, parallel: Parallel, data: StageData, state: LoopState,
-                   timer: Timer) -> None:
+                   timer: Timer, events: EventLog) -> None:
     """Score the epoch, keep the best weights, apply the plateau and early-stopping rules, move to the next epoch.
 
     With an EMA of the weights, the averaged weights are the ones scored and kept. The final fit
@@ -542,6 +556,9 @@ def validate_epoch(workdir: Workdir, model: keras.Model, parallel: Parallel, dat
             _save_best(workdir, model, state, val_accuracy)
     timer.note("validation", time.monotonic() - started)
     state.history.append(row)
+    for name in ("val_loss", "val_accuracy"):
+        events.add(f"validation/{name[4:]}", row[name], state.images_seen)
+    events.add("stage", stage.step, state.images_seen)
     state.stopped_early = after_epoch(state, plan, val_accuracy)
     state.epoch, state.step, state.sums = epoch + 1, 0, {"loss": 0.0, "correct": 0.0, "seen": 0}
     _set_learning_rate(model, plan, state)
@@ -609,18 +626,20 @@ def _take_best_on_disk(workdir: Workdir, state: LoopState) -> None:
         state.best_val_accuracy, state.best_epoch = on_disk["val_accuracy"], on_disk["epoch"]
 
 
-def save_checkpoint(manifest: Manifest, model: keras.Model, state: LoopState, timer: Timer) -> None:
+def save_checkpoint(manifest: Manifest, model: keras.Model, state: LoopState, timer: Timer,
+                    events: EventLog) -> None:
     started = time.monotonic()
     timer.commit(state)
     folder = manifest.workdir.stage_dir(state.stage.step)
     checkpoint.save(folder / checkpoint.checkpoint_name(state.epoch, state.step), model, state.to_dict(),
                     model.optimizer)
+    events.commit()  # after the checkpoint: the log never runs ahead of what a resume starts from
     checkpoint.prune(folder)
     timer.last_save = time.monotonic()
     timer.note("save", timer.last_save - started)
     manifest.update(state.stage.step, costs=timer.costs, status="interrupted", runtime=state.runtime,
                     position={"epoch": state.epoch, "step": state.step}, best_val_accuracy=state.best_val_accuracy,
-                    epochs=len(state.history), wall_time_s=state.wall_time_s)
+                    epochs=len(state.history), wall_time_s=state.wall_time_s, images_seen=state.images_seen)
 
 
 def _stopped(manifest: Manifest, step: int, why: str, state: LoopState | None = None) -> str:
@@ -640,7 +659,8 @@ def finish_stage(manifest: Manifest, state: LoopState, timer: Timer) -> str:
     timer.commit(state)
     manifest.update(stage.step, costs=timer.costs, status="done", runtime=state.runtime,
                     best_val_accuracy=state.best_val_accuracy, best_epoch=state.best_epoch, epochs=len(state.history),
-                    wall_time_s=state.wall_time_s, position=None, finished_at=time.strftime("%Y-%m-%d %H:%M:%S"))
+                    wall_time_s=state.wall_time_s, position=None, finished_at=time.strftime("%Y-%m-%d %H:%M:%S"),
+                    images_seen=state.images_seen)
     for old in checkpoint.list_checkpoints(folder):  # the stage is done: its best weights are what matters
         old.unlink()
     if state.stage_plan.final_fit:

@@ -142,8 +142,8 @@ def test_pull_brings_the_run_back_and_continue_resumes_it_from_the_output(kaggle
         (kaggle_root / "input" / "car-kit-b6" / name).parent.mkdir(parents=True, exist_ok=True)
         (kaggle_root / "input" / "car-kit-b6" / name).write_bytes(data)
     folders = next(c for c in code if "PREVIOUS_RUN =" in c).replace("/kaggle/", f"{kaggle_root}/")
-    found = subprocess.run([sys.executable, "-c", "import os\n" + folders + "\nprint('FOUND', PREVIOUS_RUN)"], capture_output=True,
-                           text=True, check=True).stdout
+    cell = "import os\n" + folders + "\nprint('FOUND', PREVIOUS_RUN)"
+    found = subprocess.run([sys.executable, "-c", cell], capture_output=True, text=True, check=True).stdout
     previous = found.split("FOUND ")[1].strip()
     assert previous == str(kaggle_root / "input" / "car-kit-b6" / "car-kit")
     copy = next(c for c in code if "--copy-run-from" in c)

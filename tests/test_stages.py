@@ -87,6 +87,20 @@ def log_rows(workdir: Workdir, step: int) -> list[str]:
     return (workdir.stage_dir(step) / "log.csv").read_text().splitlines()
 
 
+def curve(workdir: Workdir, tag: str) -> list[tuple[int, float]]:
+    """(position, value) of one TensorBoard tag, every event file of the run read in the order TensorBoard reads
+    them, as written (TensorBoard's own reader would hide a position written twice by purging)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.util import tensor_util
+
+    points = []
+    for path in sorted(workdir.tensorboard.glob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():
+            points += [(event.step, float(tensor_util.make_ndarray(v.tensor))) for v in event.summary.value
+                       if v.tag == tag]
+    return points
+
+
 # Every training option on at once: the EMA of the weights, AdamW's decay, the cosine schedule's position
 # and each batch's MixUp/CutMix draw must all survive the kills for the weights to match.
 EVERY_OPTION = ["--label-smoothing", "0.1", "--ema", "0.8", "--schedule", "cosine", "--warmup-epochs", "0.5",
@@ -133,6 +147,14 @@ def test_resume_after_sigkill_is_exact(stage_one, tmp_path, options):
     # resumed process's figures cannot depend on what its metric trackers saw before the kill.
     assert log_rows(a, 2) == log_rows(b, 2)
     assert not list(folder.glob(".*.tmp")) and not checkpoint.list_checkpoints(folder)
+
+    # The TensorBoard curves continue across the kills: one log for both stages, positioned in images seen,
+    # never written past a checkpoint, so the positions only increase and validation lands where it did.
+    training = [position for position, _ in curve(b, "train/loss")]
+    assert training == sorted(set(training)) and len(training) >= 4, training
+    assert curve(a, "validation/accuracy") == curve(b, "validation/accuracy")
+    seen = Manifest.read(b).record(2).images_seen
+    assert [p for p, _ in curve(b, "validation/accuracy")] == [seen // 4, seen // 2, 3 * seen // 4, seen]
 
 
 def test_resume_under_another_precision_policy(stage_one, tmp_path):
