@@ -6,6 +6,7 @@
     python bench/real_cars.py --folds 5               # the 5 folds of one seed instead of several seeds
     python bench/real_cars.py --variants recipe "ls=--label-smoothing 0.1" "ema=--ema 0.9" "final=+final-fit"
     python bench/real_cars.py --profile smoke         # the tiny CNN from scratch, for comparison
+    python bench/real_cars.py --folds 5 --variants recipe "bn-train=--bn train"   # out-of-fold weights
 
 Each run is a full user run in its own work directory and processes: kit.download --from-dir,
 kit.stage --all --seed S (--fold K/N), kit.report (validation, and the dataset's labelled test
@@ -14,11 +15,14 @@ the pretrained backbone's features, in the same process run), one row per run, t
 standard deviation and the ratio to chance, then the test accuracy of kit.ensemble over the runs.
 
 With --variants, every variant (NAME=kit.stage flags; "recipe" alone means no flags) trains on
-the same seeds, and a last table compares each with the first: mean test accuracy, the difference
+the same seeds (with --folds, the same N folds of the first seed), and a last table compares each with the first: mean test accuracy, the difference
 and its standard error over the seeds, and the ensemble of each variant's seeds. Two extra steps
 are variants too: "+final-fit" adds kit.stage --final-fit after the stages, and "+pseudo=P" trains
 the recipe, labels the test photos predicted with probability >= P (kit.pseudo), and trains a
-second run with them.
+second run with them. With --folds and --variants, each variant's folds are one member of an
+out-of-fold ensemble: kit.ensemble --oof reports each member's cross-validated accuracy, and the
+test accuracy of the plain mean of every run is set against the members weighted by their
+out-of-fold probabilities (--weights oof).
 """
 
 from __future__ import annotations
@@ -86,6 +90,17 @@ def ensemble_accuracy(workdirs: list[Path], out: Path) -> float:
     return float((table["class"] == truth).mean())
 
 
+def ensemble_run(args: list[str], out: Path) -> tuple[float, str]:
+    """kit.ensemble with these arguments: its test accuracy (the class folder in each Id) and what it printed."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    result = subprocess.run([sys.executable, "-m", "kit.ensemble", *args, "--out", str(out)], capture_output=True,
+                            text=True, env=env, cwd=ROOT)
+    if result.returncode != 0:
+        raise SystemExit(f"kit.ensemble {' '.join(args)} failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
+    table = pd.read_csv(out, keep_default_na=False)
+    return float((table["class"] == table.Id.str.split("/").str[1]).mean()), result.stdout
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=STANFORD5, help="a class-folder dataset with a labelled test/")
@@ -140,11 +155,14 @@ def compare(args: argparse.Namespace) -> None:
     for k, variant in enumerate(args.variants):
         name, _, flags = variant.partition("=")
         results[name] = []
-        for seed in args.seeds:
-            row = one_run(args.data, scratch / f"v{k}-s{seed}", seed, "", args.profile, shlex.split(flags), args.tta)
+        runs = ([(args.seeds[0], f"{f}/{args.folds}") for f in range(1, args.folds + 1)] if args.folds
+                else [(seed, "") for seed in args.seeds])
+        for seed, fold in runs:
+            row = one_run(args.data, scratch / f"v{k}-s{seed}-f{fold.replace('/', 'of')}", seed, fold, args.profile,
+                          shlex.split(flags), args.tta)
             results[name].append(row)
-            print(f"{name:<12} seed {seed}: val {row['val']:.4f} test {row['test']:.4f} test TTA {row['test_tta']:.4f} "
-                  f"({row['train_s']:.0f} s)", flush=True)
+            print(f"{name:<12} seed {seed}{' fold ' + fold if fold else ''}: val {row['val']:.4f} test {row['test']:.4f} "
+                  f"test TTA {row['test_tta']:.4f} ({row['train_s']:.0f} s)", flush=True)
     base = results[next(iter(results))]
     print(f"\n{'variant':<12} {'flags':<44} {'val acc':>15} {'test acc (TTA)':>15} {'vs first':>16} {'train s':>7}")
     for variant, (name, rows) in zip(args.variants, results.items()):
@@ -156,12 +174,30 @@ def compare(args: argparse.Namespace) -> None:
               f"{statistics.mean(r['train_s'] for r in rows):>7.0f}")
     print("(mean +- standard deviation over the seeds; 'vs first': mean paired difference +- its standard error)")
     print(f"linear probe (baseline): {probe:.4f}")
-    if len(args.seeds) > 1:
+    print(f"(work directories kept until the end in {scratch})")
+    if args.folds:
+        out_of_fold(results, scratch)
+    elif len(args.seeds) > 1:
         for name, rows in results.items():
             combined = ensemble_accuracy([r["workdir"] for r in rows], scratch / f"{name}-ensemble.csv")
             print(f"ensemble of {name}'s {len(rows)} seeds, test, TTA {args.tta}: {combined:.4f} "
                   f"(best single run {max(r['test_tta'] for r in rows):.4f})")
     shutil.rmtree(scratch)
+
+
+def out_of_fold(results: dict[str, list[dict]], scratch: Path) -> None:
+    """Each variant's folds as one member: their cross-validated accuracy, and the ensemble's test accuracy with
+    equal weights on every run against weights fitted on the out-of-fold probabilities."""
+    groups = [["--oof", *map(str, (r["workdir"] for r in rows))] for rows in results.values()]
+    every = [str(r["workdir"]) for rows in results.values() for r in rows]
+    plain, _ = ensemble_run(every, scratch / "plain.csv")
+    members, said = ensemble_run([a for g in groups for a in g], scratch / "members.csv")
+    weighted, said_weighted = ensemble_run([a for g in groups for a in g] + ["--weights", "oof"],
+                                           scratch / "weighted.csv")
+    print(said.strip())
+    print(said_weighted.strip().splitlines()[0])
+    print(f"test accuracy, TTA: plain mean of all {len(every)} runs {plain:.4f}; members' mean (equal weights) "
+          f"{members:.4f}; members weighted by their out-of-fold probabilities {weighted:.4f}")
 
 
 def print_probe(data: Path) -> float:

@@ -1,4 +1,4 @@
-"""kit.ensemble: means, weights, sample-submission order, validation figures, and the runs it refuses."""
+"""kit.ensemble: means, weights, sample-submission order, validation figures, out-of-fold members, refusals."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import pandas as pd
 import pytest
 
 from conftest import run_kit, small_synthetic
-from kit.config import COMPETITION_CLASSES
+from kit.config import COMPETITION_CLASSES, Workdir
+from kit.dataset import fold_split, read_train
+from kit.manifest import Manifest
 
 CLASSES = list(COMPETITION_CLASSES)
 
@@ -86,3 +88,69 @@ def test_runs_that_cannot_be_combined_are_refused(runs, spoil, words):
     result = run_kit("kit.ensemble", str(root / "a"), str(root / "b"), "--out", str(root / "x.csv"), *extra)
     assert result.returncode == 2 and words in " ".join(result.stderr.split()) and "Traceback" not in result.stderr
     assert not (root / "x.csv").exists()
+
+
+# ---- out-of-fold members ------------------------------------------------------------------------------------
+
+def fold_runs(root, name: str, n: int, rng, skill: float, seed: int = 42, folds=None):
+    """N fold work directories of one configuration: a real dataset each, the manifest's fold, and what kit.predict
+    leaves (test probabilities; validation probabilities of the fold's photos, which fold_split names)."""
+    runs = []
+    for k in folds or range(1, n + 1):
+        workdir = small_synthetic(root / f"{name}{k}", per_class=3, test=8, size=(32, 24))
+        Manifest(workdir, config={"fold": f"{k}/{n}", "seed": seed}).save()
+        train = read_train(workdir)
+        is_val = fold_split(train.Category.to_numpy(), f"{k}/{n}", seed)
+        labels = train.Category.to_numpy()[is_val]
+        ids = pd.read_csv(workdir.sample_submission, dtype=str).Id.tolist()
+        write_run(workdir.root, ids, random_probs(rng, 8), train.Id[is_val].tolist(),
+                  skilled_probs(rng, labels, skill), labels)
+        runs.append(workdir.root)
+    return runs
+
+
+def skilled_probs(rng, labels, skill: float) -> np.ndarray:
+    """Probabilities that put `skill` on the true class, the rest at random."""
+    noise = random_probs(rng, len(labels))
+    return skill * np.eye(len(CLASSES))[labels] + (1 - skill) * noise
+
+
+def test_out_of_fold_members_are_scored_on_every_photo_and_weighted_by_their_oof_probabilities(tmp_path):
+    rng = np.random.default_rng(1)
+    good, poor = fold_runs(tmp_path, "good", 3, rng, 0.7), fold_runs(tmp_path, "poor", 3, rng, 0.05)
+    out = tmp_path / "oof.csv"
+    result = run_kit("kit.ensemble", "--oof", *map(str, good), "--oof", *map(str, poor), "--weights", "oof",
+                     "--out", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    said = " ".join(result.stdout.split())
+    assert "member 1 (3 folds) cross-validated accuracy 1.0000 on 30 of 30 training photos" in said
+    assert "member 1 fold 2/3" in said and "(10 photos)" in said
+    weights = [float(w) for w in said.split("weights ")[1].split(" (fitted")[0].split(", ")]
+    assert weights[0] > 0.8 and abs(sum(weights) - 1) < 1e-3, weights  # the poor member barely counts
+
+    # The test prediction: each member the mean of its folds, the members by their weights.
+    def test_probs(runs):
+        return np.mean([pd.read_csv(r / "submissions" / "probabilities.csv")[CLASSES].to_numpy() for r in runs], axis=0)
+
+    expected = weights[0] * test_probs(good) + weights[1] * test_probs(poor)
+    written = pd.read_csv(tmp_path / "oof.probabilities.csv")[CLASSES].to_numpy()
+    np.testing.assert_allclose(written, expected, atol=1e-3)
+
+
+@pytest.mark.parametrize("spoil, words", [
+    ("missing", "each fold K/N of one N exactly once"),
+    ("seeds", "validation photos overlap"),
+    ("not-folds", "is not a fold run"),
+    ("val", "use --weights oof"),
+])
+def test_fold_runs_that_do_not_partition_the_photos_are_refused(tmp_path, spoil, words):
+    rng = np.random.default_rng(2)
+    runs = fold_runs(tmp_path, "a", 3, rng, 0.7, folds=[1, 2] if spoil == "missing" else None)
+    extra = ["--weights", "val"] if spoil == "val" else []
+    if spoil == "seeds":  # fold 3 of another seed's split covers photos folds 1 and 2 hold already
+        runs[2:] = fold_runs(tmp_path, "b", 3, rng, 0.7, seed=7, folds=[3])
+    if spoil == "not-folds":
+        Manifest(Workdir(runs[0]), config={"fold": "", "seed": 42}).save()
+    result = run_kit("kit.ensemble", "--oof", *map(str, runs), *extra, "--out", str(tmp_path / "x.csv"))
+    assert result.returncode == 2 and words in " ".join(result.stderr.split()) and "Traceback" not in result.stderr
+    assert not (tmp_path / "x.csv").exists()
