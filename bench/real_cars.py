@@ -15,7 +15,8 @@ the pretrained backbone's features, in the same process run), one row per run, t
 standard deviation and the ratio to chance, then the test accuracy of kit.ensemble over the runs.
 
 With --variants, every variant (NAME=kit.stage flags; "recipe" alone means no flags) trains on
-the same seeds (with --folds, the same N folds of the first seed), and a last table compares each with the first: mean test accuracy, the difference
+the same seeds (with --folds, the same N folds of the first seed), and a last table compares each
+with the first: mean test accuracy, the difference
 and its standard error over the seeds, and the ensemble of each variant's seeds. Two extra steps
 are variants too: "+final-fit" adds kit.stage --final-fit after the stages, and "+pseudo=P" trains
 the recipe, labels the test photos predicted with probability >= P (kit.pseudo), and trains a
@@ -161,7 +162,8 @@ def compare(args: argparse.Namespace) -> None:
             row = one_run(args.data, scratch / f"v{k}-s{seed}-f{fold.replace('/', 'of')}", seed, fold, args.profile,
                           shlex.split(flags), args.tta)
             results[name].append(row)
-            print(f"{name:<12} seed {seed}{' fold ' + fold if fold else ''}: val {row['val']:.4f} test {row['test']:.4f} "
+            where = f"seed {seed}{' fold ' + fold if fold else ''}"
+            print(f"{name:<12} {where}: val {row['val']:.4f} test {row['test']:.4f} "
                   f"test TTA {row['test_tta']:.4f} ({row['train_s']:.0f} s)", flush=True)
     base = results[next(iter(results))]
     print(f"\n{'variant':<12} {'flags':<44} {'val acc':>15} {'test acc (TTA)':>15} {'vs first':>16} {'train s':>7}")

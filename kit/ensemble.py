@@ -278,7 +278,8 @@ def oof_lines(members: list[Member], weights: list[float], mean: str, fitted: bo
         probs = combine([m.oof.loc[ids, classes] for m in members], weights, mean)
         lines.append(f"ensemble of {len(members)} members, weights {', '.join(f'{w:.3f}' for w in weights)}: "
                      f"cross-validated accuracy {accuracy(probs, members[0].oof.loc[ids, 'label'], classes):.4f} "
-                     f"on {len(ids)} photos" + (" (the weights were fitted on them: a little optimistic)" if fitted else ""))
+                     f"on {len(ids)} photos" + (" (the weights were fitted on them: a little optimistic)" if fitted
+                                                else ""))
     return lines
 
 

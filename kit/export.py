@@ -3,6 +3,7 @@
     python -m kit.export                              # the last finished stage: model.onnx and model.keras
     python -m kit.export --stage 7 --format onnx savedmodel tflite   # tflite: LiteRT, for phones and edge boxes
     python -m kit.demo --model <workdir>/weights/export/model.onnx   # serve it without TensorFlow
+    python -m kit.export --publish kaggle:YOU/car-classifier/onnx/b6   # and put it on Kaggle Models, with a card
 
 Files go to <workdir>/weights/export/ (or --out DIR). Every export takes what the kit's model
 takes, uint8 RGB pixels (N, size, size, 3), and gives the class probabilities; model.json beside
@@ -26,7 +27,9 @@ from kit import __version__
 from kit.cli import EXIT_DONE, KitError, add_workdir, main_guard
 from kit.dataset import UnreadableImage, load_resized, read_test, scan_folder
 from kit.files import atomic_path, write_text
+from kit.kaggle_api import kaggle_api
 from kit.predict import METADATA, LoadedModel, OnnxModel, Predictor, add_model_options, model_from_args
+from kit.publish import format_for, publish
 
 FORMATS = {"onnx": "model.onnx", "keras": "model.keras", "savedmodel": "savedmodel", "tflite": "model.tflite"}
 DEFAULT_FORMATS = ("onnx", "keras")
@@ -153,20 +156,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, help="folder to write to (default: <workdir>/weights/export)")
     parser.add_argument("--photos", type=Path, help="photos to check the export on (default: the dataset's test "
                                                     f"photos, the first {CHECK_PHOTOS})")
+    parser.add_argument("--publish", metavar="kaggle:OWNER/MODEL/FRAMEWORK/VARIATION",
+                        help="then upload it to Kaggle Models with a model card (FRAMEWORK: onnx, keras, tfLite, "
+                             "tensorFlow2); a variation that exists gets a new version")
+    parser.add_argument("--public", action="store_true", help="a new model is public (default private)")
+    parser.add_argument("--notes", default="", help="the new version's notes (--publish)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    formats = list(dict.fromkeys([*args.format, *([format_for(args.publish)] if args.publish else [])]))
+    api = kaggle_api() if args.publish else None  # credentials checked before the export, not after
     workdir, loaded = model_from_args(args)
     folder = args.out or workdir.weights / "export"
     print(f"Model: {loaded.describe()}")
-    differences = export(loaded, folder, args.format, photos_to_check(workdir, args.photos))
+    differences = export(loaded, folder, formats, photos_to_check(workdir, args.photos))
     for fmt, difference in differences.items():
         print(f"{fmt}: {folder / FORMATS[fmt]} (max difference from Keras {difference:.1e})")
     print(f"{folder / METADATA}: classes, image size, backbone, stage, the check.")
-    if "onnx" in args.format:
+    if "onnx" in formats:
         print(f"Serve it without TensorFlow: 'python -m kit.demo --model {folder / FORMATS['onnx']}'")
+    if args.publish:
+        url = publish(api, args.publish, folder, FORMATS, loaded, workdir, args.public, args.notes)
+        print(f"Published on Kaggle Models: {url} (its card: {folder / 'kaggle-model' / 'MODEL_CARD.md'})")
     return EXIT_DONE
 
 

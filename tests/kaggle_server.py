@@ -40,6 +40,12 @@ class Kaggle:
     outputs: dict[str, dict[str, bytes]] = field(default_factory=dict)
     logs: dict[str, str] = field(default_factory=dict)
     unverified: bool = False  # an account without phone verification: no internet, no accelerators
+    # Models: CreateModel requests by OWNER/SLUG; each variation's CreateModelInstance request and its versions'
+    # files (name -> the uploaded bytes) by OWNER/SLUG/FRAMEWORK/VARIATION.
+    models: dict[str, dict] = field(default_factory=dict)
+    instances: dict[str, dict] = field(default_factory=dict)
+    versions: dict[str, list[dict[str, bytes]]] = field(default_factory=dict)
+    blobs: dict[str, str] = field(default_factory=dict)  # upload token -> file name
     port: int = 0  # where serve() listens: a free port, so test processes running side by side never collide
 
     def environment(self, config_dir: Path) -> dict[str, str]:
@@ -119,6 +125,13 @@ def serve(kaggle: Kaggle) -> ThreadingHTTPServer:
                 files = [{"fileName": name, "url": f"http://localhost/files/kernels/{kernel.replace('/', '__')}/{name}"}
                          for name in sorted(kaggle.outputs.get(kernel, {}))]
                 self._json(200, {"files": files, "log": kaggle.logs.get(kernel, "")})
+            elif path.endswith("BlobApiService/StartBlobUpload"):
+                token = f"blob{len(kaggle.blobs)}"
+                kaggle.blobs[token] = body["name"]
+                self._json(200, {"token": token, "createUrl": f"http://localhost/upload/{token}"})
+            elif path.rsplit("/", 1)[-1] in ("GetModel", "CreateModel", "GetModelInstance", "CreateModelInstance",
+                                             "CreateModelInstanceVersion"):
+                self._model(path.rsplit("/", 1)[-1], body)
             elif path.endswith("CompetitionApiService/CreateSubmission"):
                 kaggle.submissions.append(body)
                 self._json(200, {"message": "Successfully submitted to the competition", "ref": len(kaggle.submissions)})
@@ -140,6 +153,31 @@ def serve(kaggle: Kaggle) -> ThreadingHTTPServer:
             kaggle.statuses[kernel] = ["QUEUED", "RUNNING", "COMPLETE"]
             self._json(200, {"ref": f"/code/{kernel}", "url": f"https://www.kaggle.com/code/{kernel}",
                              "versionNumber": len(versions), "invalidCompetitionSources": unknown})
+
+        def _model(self, method: str, body: dict) -> None:
+            model = f"{body['ownerSlug']}/{body.get('modelSlug') or body.get('slug')}"
+            if body["ownerSlug"] != USER:
+                return self._error(403, "You do not have permission to modify this model")
+            framework = (body.get("framework") or body.get("body", {}).get("framework") or "").lower()
+            variation = body.get("instanceSlug") or body.get("body", {}).get("instanceSlug")
+            instance = f"{model}/{framework.replace('model_framework_', '').replace('_', '')}/{variation}"
+            sent = body.get("body", {}).get("files", [])
+            files = {kaggle.blobs[f["token"]]: kaggle.uploads[f["token"]] for f in sent}
+            if method == "GetModel":
+                return self._json(200, {"ref": model}) if model in kaggle.models else self._error(404, "Not found")
+            if method == "GetModelInstance":
+                return (self._json(200, {"slug": variation}) if instance in kaggle.instances
+                        else self._error(404, "Not found"))
+            if method == "CreateModel":
+                kaggle.models[model] = body
+            elif method == "CreateModelInstance":
+                if model not in kaggle.models:
+                    return self._json(200, {"error": f"Model {model} does not exist"})
+                kaggle.instances[instance] = body
+                kaggle.versions[instance] = [files]
+            else:
+                kaggle.versions[instance].append(files)
+            self._json(200, {"ref": instance, "url": f"https://www.kaggle.com/models/{instance}"})
 
         def _download(self, name: str, known: dict[str, Path], kind: str) -> None:
             if name not in known:

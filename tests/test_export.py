@@ -1,16 +1,19 @@
-"""kit.export: each format against the Keras model on real photos, and the demo on ONNX without TensorFlow."""
+"""kit.export: each format against the Keras model on real photos, the demo on ONNX without TensorFlow, publishing."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import ROOT, demo_process, run_kit
+from kaggle_server import USER, Kaggle, serve
 from kit.config import COMPETITION_CLASSES, Workdir
 from kit.export import check_views, litert_probabilities
 from kit.predict import OnnxModel, load_model, load_onnx, weights_path
@@ -95,3 +98,54 @@ def test_export_on_a_gpu_machine_writes_the_float32_graph(exported, smoke_run, t
                                OnnxModel(exported / "model.onnx").predict_on_batch(views), atol=1e-6)
     with pytest.raises(SystemExit):  # nothing to choose: the float32 graph is the only one exported
         build_parser().parse_args(["--precision", "mixed_bfloat16"])
+
+
+def test_publish_uploads_the_export_with_its_card_to_kaggle_models(smoke_run, shared, tmp_path):
+    """The real kaggle package against the local Kaggle: a new model and variation, then a new version."""
+    server = Kaggle()
+    http = serve(server)
+    try:
+        env = server.environment(tmp_path / "no-config")
+        target = f"kaggle:{USER}/lada-classifier/onnx/smoke"
+        args = ["kit.export", "--workdir", str(smoke_run.parent), "--profile", "smoke", "--out", str(tmp_path / "x"),
+                "--format", "keras", "--photos", str(shared / "test_upload_sample"), "--publish", target]
+        first = run_kit(*args, env=env)
+        assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+        assert f"https://www.kaggle.com/models/{USER}/lada-classifier/onnx/smoke" in first.stdout
+        model = server.models[f"{USER}/lada-classifier"]
+        assert model["isPrivate"] is True and "Lada Priora" in model["description"]
+        instance = server.instances[f"{USER}/lada-classifier/onnx/smoke"]["body"]
+        assert instance["framework"] == "MODEL_FRAMEWORK_ONNX" and instance["licenseName"] == "Apache 2.0"
+        card = instance["overview"]
+        assert "## Classes" in card and "## Metrics" in card and "## How to run" in card and "tiny-cnn" in card
+        assert "onnxruntime" in instance["usage"]
+        uploaded = server.versions[f"{USER}/lada-classifier/onnx/smoke"][0]
+        assert set(uploaded) == {"model.onnx", "model.json", "MODEL_CARD.md"}  # onnx added for the framework
+        assert uploaded["model.onnx"] == (tmp_path / "x" / "model.onnx").read_bytes()
+        assert json.loads(uploaded["model.json"])["classes"] == list(COMPETITION_CLASSES)
+
+        # The card's snippet, run as a stranger would on what was uploaded, names what the kit names.
+        downloaded = tmp_path / "downloaded"
+        downloaded.mkdir()
+        for name, data in uploaded.items():
+            (downloaded / name).write_bytes(data)
+        photo = sorted((shared / "test_upload_sample").glob("*.jpg"))[0]
+        snippet = card.split("```python\n")[1].split("```")[0].replace("car.jpg", str(photo))
+        said = subprocess.run([sys.executable, "-c", snippet], cwd=downloaded, capture_output=True, text=True,
+                              check=True).stdout.rsplit(" ", 1)
+        loaded = load_onnx(downloaded / "model.onnx")
+        expected = loaded.model.predict_on_batch(check_views(loaded, [photo]))[0]
+        assert said[0] == loaded.classes[int(expected.argmax())] and abs(float(said[1]) - expected.max()) < 1e-5
+
+        again = run_kit(*args, "--notes", "the same run, again", env=env)
+        assert again.returncode == 0, again.stderr[-2000:]
+        assert len(server.versions[f"{USER}/lada-classifier/onnx/smoke"]) == 2 and len(server.models) == 1
+
+        refused = run_kit(*args[:-1], "kaggle:someone-else/lada-classifier/onnx/smoke", env=env)
+        assert refused.returncode == 2 and "403" in " ".join(refused.stderr.split())
+        malformed = run_kit("kit.export", "--workdir", str(smoke_run.parent), "--profile", "smoke", "--publish",
+                            "kaggle:carfan/lada", env=env)
+        assert malformed.returncode == 2 and "OWNER/MODEL/FRAMEWORK/VARIATION" in malformed.stderr
+    finally:
+        http.shutdown()
+        http.server_close()
