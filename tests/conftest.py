@@ -6,6 +6,7 @@ import contextlib
 import importlib.util
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -70,25 +71,46 @@ def run_command(command: list[str], env: dict | None = None, timeout: float = 60
     return subprocess.CompletedProcess(command, process.returncode, out, err)
 
 
-_SERVERS: dict[str, tuple[str, subprocess.Popen]] = {}
+# One fork server per Keras backend for the whole run, shared by the pytest-xdist workers (each costs about 12 s
+# of CPU to start): the process pytest started names a folder before it starts the workers, which inherit its
+# environment; the first worker to need a backend starts that server there, and the first process kills them all.
+FORK_DIR = "KIT_TEST_FORK_DIR"
+_OWNS_SERVERS = pytest.StashKey[bool]()
+_SERVERS: dict[str, str] = {}
+
+
+def pytest_configure(config):
+    if FORK_DIR not in os.environ:
+        os.environ[FORK_DIR] = tempfile.mkdtemp(prefix="kitfork")
+        config.stash[_OWNS_SERVERS] = True
 
 
 def fork_server(backend: str) -> str:
-    """The socket of this test process's fork server for a Keras backend, started (about 12 s) when first needed."""
+    """The socket of the run's fork server for a Keras backend, started (about 12 s) when first needed."""
     if backend not in _SERVERS:
-        path = os.path.join(tempfile.mkdtemp(prefix="kitfork"), "server")
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "KERAS_BACKEND": backend}
-        server = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fork_server.py"), path], env=env,
-                                  stdout=subprocess.PIPE, text=True, start_new_session=True)
-        if server.stdout.readline().strip() != "ready":
-            raise RuntimeError(f"the {backend} fork server did not start (exit {server.wait()})")
-        _SERVERS[backend] = (path, server)
-    return _SERVERS[backend][0]
+        folder = Path(os.environ[FORK_DIR])
+        path, pid_file = folder / backend, folder / f"{backend}.pid"
+        with FileLock(str(folder / f"{backend}.lock")):
+            if not pid_file.is_file():
+                env = {**os.environ, "PYTHONPATH": str(ROOT), "KERAS_BACKEND": backend}
+                server = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fork_server.py"), str(path)],
+                                          env=env, stdout=subprocess.PIPE, text=True, start_new_session=True)
+                if server.stdout.readline().strip() != "ready":
+                    raise RuntimeError(f"the {backend} fork server did not start (exit {server.wait()})")
+                pid_file.write_text(str(server.pid))
+        _SERVERS[backend] = str(path)
+    return _SERVERS[backend]
 
 
 def pytest_sessionfinish(session, exitstatus):
-    for _, server in _SERVERS.values():
-        server.kill()
+    if session.config.stash.get(_OWNS_SERVERS, False):  # the workers are done: no test needs a server now
+        folder = Path(os.environ[FORK_DIR])
+        for pid_file in folder.glob("*.pid"):
+            try:
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # The shared smoke run trains on JAX where it is installed (CI installs it): the demo, prediction and export

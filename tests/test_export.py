@@ -14,9 +14,12 @@ import pytest
 
 from conftest import ROOT, demo_process, run_kit
 from kaggle_server import USER, Kaggle, serve
-from kit.config import COMPETITION_CLASSES, Workdir
-from kit.export import check_views, litert_probabilities
+from kit.cli import KitError
+from kit.config import COMPETITION_CLASSES, PROFILES, Workdir
+from kit.export import FORMATS, check_views, litert_probabilities
+from kit.kaggle_api import kaggle_api
 from kit.predict import OnnxModel, load_model, load_onnx, weights_path
+from kit.publish import format_for, publish
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("tf2onnx")
@@ -100,7 +103,7 @@ def test_export_on_a_gpu_machine_writes_the_float32_graph(exported, smoke_run, t
         build_parser().parse_args(["--precision", "mixed_bfloat16"])
 
 
-def test_publish_uploads_the_export_with_its_card_to_kaggle_models(smoke_run, shared, tmp_path):
+def test_publish_uploads_the_export_with_its_card_to_kaggle_models(smoke_run, shared, tmp_path, monkeypatch):
     """The real kaggle package against the local Kaggle: a new model and variation, then a new version."""
     server = Kaggle()
     http = serve(server)
@@ -137,15 +140,18 @@ def test_publish_uploads_the_export_with_its_card_to_kaggle_models(smoke_run, sh
         expected = loaded.model.predict_on_batch(check_views(loaded, [photo]))[0]
         assert said[0] == loaded.classes[int(expected.argmax())] and abs(float(said[1]) - expected.max()) < 1e-5
 
-        again = run_kit(*args, "--notes", "the same run, again", env=env)
-        assert again.returncode == 0, again.stderr[-2000:]
+        # Again, in this process (the export is done): the variation exists, so it gets a second version.
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        loaded, export_dir = load_onnx(tmp_path / "x" / "model.onnx"), tmp_path / "x"
+        workdir = Workdir.resolve(smoke_run.parent, PROFILES["smoke"])
+        publish(kaggle_api(), target, export_dir, FORMATS, loaded, workdir, public=False, notes="again")
         assert len(server.versions[f"{USER}/lada-classifier/onnx/smoke"]) == 2 and len(server.models) == 1
-
-        refused = run_kit(*args[:-1], "kaggle:someone-else/lada-classifier/onnx/smoke", env=env)
-        assert refused.returncode == 2 and "403" in " ".join(refused.stderr.split())
-        malformed = run_kit("kit.export", "--workdir", str(smoke_run.parent), "--profile", "smoke", "--publish",
-                            "kaggle:carfan/lada", env=env)
-        assert malformed.returncode == 2 and "OWNER/MODEL/FRAMEWORK/VARIATION" in malformed.stderr
+        with pytest.raises(KitError, match="403 Forbidden"):
+            publish(kaggle_api(), "kaggle:someone-else/lada-classifier/onnx/smoke", export_dir, FORMATS, loaded,
+                    workdir, public=False, notes="")
+        with pytest.raises(KitError, match="OWNER/MODEL/FRAMEWORK/VARIATION"):
+            format_for("kaggle:carfan/lada")
     finally:
         http.shutdown()
         http.server_close()

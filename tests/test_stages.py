@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, STAGE_ARGS, kit_process, run_command, run_kit, smoke_workdir
+from conftest import ROOT, STAGE_ARGS, kit_process, run_command, run_kit, small_synthetic, smoke_workdir
 from kit import checkpoint
 from kit.cli import KitError
 from kit.config import PROFILES, Workdir, override_stage, stage_of
@@ -179,7 +179,8 @@ def test_resume_under_another_precision_policy(stage_one, tmp_path):
 def test_all_resumes_an_overridden_stage_with_its_class_weights(tmp_path, capsys):
     """--batch-size after an out-of-memory error, --class-weights: --all resumes the stage as it started."""
     root = tmp_path / "run"
-    workdir = smoke_workdir(root)
+    workdir = Workdir.resolve(root, SMOKE)
+    small_synthetic(workdir.root, per_class=5, test=2, size=(64, 48))  # seven stages of a few steps each
     stopped = run_kit("kit.stage", "--step", "1", "--workdir", str(root), "--profile", "smoke", "--batch-size", "8",
                       "--class-weights", "--time-budget", "0.001")
     assert stopped.returncode == 3, stopped.stdout[-2000:] + stopped.stderr[-2000:]
