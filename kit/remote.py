@@ -106,6 +106,12 @@ def kit_checkout() -> tuple[str, str]:
     return git("remote", "get-url", "origin"), git("rev-parse", "HEAD")
 
 
+def https_url(repo: str) -> str:
+    """git@host:path and ssh://git@host/path as https://host/path: a Kaggle notebook has no SSH key to clone with."""
+    match = re.fullmatch(r"(?:ssh://)?git@([^:/]+)[:/](.+)", repo)
+    return f"https://{match.group(1)}/{match.group(2)}" if match else repo
+
+
 def metadata(kernel: Kernel, continuing: bool) -> dict:
     """kernel-metadata.json: the data as a source and, for a continuation, the kernel's own output too."""
     dataset = "/" in kernel.data
@@ -143,10 +149,11 @@ def secrets(api: KaggleClient, environ: dict[str, str]) -> dict[str, str]:
 
 def check_no_secrets(folder: Path, repo: str, known: dict[str, str]) -> None:
     """Refuse to push a folder holding a credential: a kernel's notebook is readable by whoever it is shared with."""
-    if urlsplit(repo).password or urlsplit(repo).username and urlsplit(repo).scheme.startswith("http"):
-        raise KitError(f"The repository URL carries credentials ({urlsplit(repo).hostname} with a user name or "
-                       "token in it): the pushed notebook would show them. Give the plain URL with --repo (make the "
-                       "repository public, or clone a private one with a Kaggle secret in your own cell).")
+    parts = urlsplit(repo)
+    if parts.password or (parts.username and parts.scheme in ("http", "https")):
+        raise KitError(f"The repository URL carries credentials ({parts.hostname} with a user name or token in it): "
+                       "the pushed notebook would show them. Give the plain URL with --repo (make the repository "
+                       "public, or clone a private one with a Kaggle secret in your own cell).")
     for path in sorted(folder.iterdir()):
         text = path.read_text(errors="replace")
         leaked = [name for name, value in known.items() if value in text]
@@ -324,11 +331,11 @@ def new_kernel(args: argparse.Namespace, api: KaggleClient) -> Kernel:
         raise KitError(f"--kernel {name!r} should be OWNER/SLUG: your Kaggle user name and 5-50 lower-case letters, "
                        "digits or dashes (e.g. --kernel carfan/car-kit-b6).")
     origin, head = kit_checkout()
-    repo, commit = args.repo or origin, args.commit or head
+    repo, commit = https_url(args.repo or origin), args.commit or head
     if not repo or not commit:
         raise KitError(f"The kit at {KIT_SOURCE} is not a git checkout, so its repository and commit are unknown: "
                        "give --repo URL and --commit SHA (the kit's repository as the notebook should clone it).")
-    if repo.startswith(("/", ".", "file:")) or "://" not in repo and "@" not in repo:
+    if repo.startswith(("/", ".", "file:")) or ("://" not in repo and "@" not in repo):
         raise KitError(f"The kit's repository {repo!r} is a local path, which Kaggle cannot clone: give its URL "
                        "with --repo (e.g. https://github.com/YOU/car-kit.git).")
     extra = list(args.stage_args)

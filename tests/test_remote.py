@@ -164,8 +164,10 @@ def test_kaggle_input_finds_an_input_wherever_kaggle_mounted_it(tmp_path):
 
 
 def test_the_record_of_what_was_pushed_is_read_back(kaggle, tmp_path):
-    assert push(kaggle, tmp_path / "work", "--accelerator", "tpu").returncode == 0
+    assert push(kaggle, tmp_path / "work", "--accelerator", "tpu", "--repo", "git@github.com:carfans/car-kit.git"
+                ).returncode == 0
     record = json.loads((tmp_path / "work" / "remote" / "kernel.json").read_text())
+    assert record["repo"] == REPO, "an SSH address is cloned over https: the notebook has no key"
     assert record["kernel"] == KERNEL and record["versions"] == [1] and record["accelerator"] == "tpu"
     assert record["stage_args"] == ["--backbone", "keras-efficientnetb6"]
     sent = kaggle.kernels[KERNEL][0]
