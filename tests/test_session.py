@@ -109,8 +109,8 @@ def test_notebook_stops_run_all_on_failure_and_on_a_budget_stop(tmp_path, monkey
     kit("kit.stage", "--status", "--workdir", str(tmp_path))  # exit 0: returns
     assert "not started" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="exit code 2"):
-        kit("kit.predict", "--workdir", str(tmp_path))  # no weights: a user error
-    assert "No trained weights" in capsys.readouterr().out  # its message reached the notebook
+        kit("kit.stage", "--step", "1", "--devices", "0", "--workdir", str(tmp_path))  # a user error, refused at once
+    assert "takes a number of devices" in capsys.readouterr().out  # its message reached the notebook
     small_synthetic(tmp_path / "smoke", per_class=4)
     with pytest.raises(SystemExit, match="Run the notebook again"):
         kit("kit.stage", "--all", "--profile", "smoke", "--workdir", str(tmp_path), "--time-budget", "0.001")
