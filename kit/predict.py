@@ -342,9 +342,9 @@ def model_from_args(args: argparse.Namespace) -> tuple[Workdir, LoadedModel]:
         if args.seed is None:
             args.seed = SEED
         return workdir, load_onnx(args.model)
+    path = weights_path(workdir, args.weights, args.stage)  # no weights: said before a framework loads (10 s)
     cache_compilations(workdir.compiled)
-    loaded = load_model(weights_path(workdir, args.weights, args.stage), args.image_size,
-                        getattr(args, "precision", "float32"))
+    loaded = load_model(path, args.image_size, getattr(args, "precision", "float32"))
     if args.seed is None:  # the run's seed: TTA draws as its training did
         args.seed = loaded.config.seed
     return workdir, loaded
