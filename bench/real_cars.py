@@ -148,8 +148,9 @@ def main() -> None:
 
 def compare(args: argparse.Namespace) -> None:
     """Each variant on every seed, then one table: test accuracy (TTA) and its difference to the first variant."""
-    runs = f"the {args.folds} folds of seed {args.seeds[0]}" if args.folds else f"seeds {' '.join(map(str, args.seeds))}"
-    print(f"{args.data.name}, {args.profile} profile, TTA {args.tta}, {runs}")
+    seeds = f"seeds {' '.join(map(str, args.seeds))}"
+    print(f"{args.data.name}, {args.profile} profile, TTA {args.tta}, "
+          f"{f'the {args.folds} folds of seed {args.seeds[0]}' if args.folds else seeds}")
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}")
     probe = print_probe(args.data)
     scratch = Path(tempfile.mkdtemp(prefix="real-cars-"))
