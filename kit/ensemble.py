@@ -196,10 +196,6 @@ class Member:
     photos: int  # labelled training photos of the dataset
 
     @property
-    def name(self) -> str:
-        return f"{Path(self.runs[0].name).name} .. {Path(self.runs[-1].name).name}"
-
-    @property
     def test(self) -> pd.DataFrame:
         ids = self.runs[0].test.index
         return pd.DataFrame(combine([r.test.loc[ids, r.classes] for r in self.runs], [1.0] * len(self.runs),
@@ -242,15 +238,21 @@ def fold_member(runs: list[Run]) -> Member:
     return Member(runs, folds, oof, len(training))
 
 
+def shared_photos(members: list[Member]) -> pd.Index:
+    """The training photos every member predicted out of fold (all of them, unless a photo was unreadable)."""
+    ids = members[0].oof.index
+    for member in members[1:]:
+        ids = ids.intersection(member.oof.index)
+    return ids
+
+
 def oof_weights(members: list[Member]) -> list[float]:
     """Non-negative weights that bring the members' out-of-fold probabilities closest to the true classes.
 
     Breiman's stacked regression (1996): least squares under non-negativity (scipy's NNLS) against
     the one-hot labels, on the photos every member predicted; normalised to sum to one.
     """
-    ids = members[0].oof.index
-    for member in members[1:]:
-        ids = ids.intersection(member.oof.index)
+    ids = shared_photos(members)
     classes = members[0].runs[0].classes
     target = (members[0].oof.loc[ids, "label"].to_numpy()[:, None] == np.asarray(classes)[None, :]).astype(float)
     design = np.stack([m.oof.loc[ids, classes].to_numpy(float).ravel() for m in members], axis=1)
@@ -272,9 +274,7 @@ def oof_lines(members: list[Member], weights: list[float], mean: str, fitted: bo
         lines.append(f"member {m} ({len(member.runs)} folds) cross-validated accuracy "
                      f"{accuracy(member.oof[classes].to_numpy(), member.oof.label, classes):.4f} on {covered}")
     if len(members) > 1:
-        ids = members[0].oof.index
-        for member in members[1:]:
-            ids = ids.intersection(member.oof.index)
+        ids = shared_photos(members)
         probs = combine([m.oof.loc[ids, classes] for m in members], weights, mean)
         lines.append(f"ensemble of {len(members)} members, weights {', '.join(f'{w:.3f}' for w in weights)}: "
                      f"cross-validated accuracy {accuracy(probs, members[0].oof.loc[ids, 'label'], classes):.4f} "

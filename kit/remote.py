@@ -84,8 +84,8 @@ def write_kernel(workdir: Workdir, kernel: Kernel) -> None:
     write_text(workdir.root / RECORD, json.dumps(asdict(kernel), indent=1) + "\n")
 
 
-def needs_kernel(workdir: Workdir) -> Kernel:
-    kernel = read_kernel(workdir)
+def needs_kernel(kernel: Kernel | None, workdir: Workdir) -> Kernel:
+    """The record this command read, or a message that nothing was pushed from here."""
     if kernel is None:
         raise KitError(f"Nothing was pushed from {workdir.root} (no {RECORD}). Start with "
                        f"'{workdir.command('kit.remote', 'push')}', or give the --workdir you pushed from.")
@@ -253,7 +253,7 @@ def mirror(output: Path, listed: list[str], workdir: Workdir) -> int:
     return len(files)
 
 
-def pull(api: KaggleClient, workdir: Workdir, kernel: Kernel, profile: str) -> int:
+def pull(api: KaggleClient, workdir: Workdir, kernel: Kernel) -> int:
     """Download the latest version's output (the kaggle package skips files older than its copy) and mirror it."""
     status, failure = version_status(api, kernel)
     if status in WAITING:
@@ -271,6 +271,7 @@ def pull(api: KaggleClient, workdir: Workdir, kernel: Kernel, profile: str) -> i
     write_kernel(workdir, kernel)
     print(f"Pulled version {kernel.pulled} of {kernel.kernel}: {len(files)} files, {copied} of them the run's, "
           f"into {workdir.root}.")
+    profile = kernel.profile
     run = Workdir.resolve(workdir.root, PROFILES[profile])
     if not run.manifest.is_file():
         raise KitError(f"The output holds no run of the {profile} profile ({run.manifest} is missing): it stopped "
@@ -360,16 +361,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         kernel = new_kernel(args, api)
         push(api, workdir, kernel, continuing=False, environ=dict(os.environ))
     elif args.action == "continue":
-        kernel = needs_kernel(workdir)
+        kernel = needs_kernel(kernel, workdir)
         status, _ = version_status(api, kernel)
         if status in WAITING:
             raise KitError(f"Version {kernel.versions[-1]} of {kernel.kernel} is still {status.lower()}: wait for it "
                            f"('{workdir.command('kit.remote', 'status', '--watch')}'), then continue.")
         push(api, workdir, kernel, continuing=True, environ=dict(os.environ))
     else:
-        kernel = needs_kernel(workdir)
+        kernel = needs_kernel(kernel, workdir)
         if args.action == "pull":
-            return pull(api, workdir, kernel, kernel.profile)
+            return pull(api, workdir, kernel)
     if args.action != "status" and not args.watch:
         print(f"'{workdir.command('kit.remote', 'status', '--watch')}' follows it.")
         return EXIT_DONE

@@ -56,6 +56,9 @@ class TrainingWindow:
     """The last LOG_EVERY steps' loss, accuracy and speed, as one point each."""
 
     def __init__(self):
+        self.clear()
+
+    def clear(self) -> None:
         self.loss = self.correct = self.seconds = 0.0
         self.images = self.timed_images = self.steps = 0
 
@@ -76,4 +79,4 @@ class TrainingWindow:
         log.add("train/learning_rate", lr, position)
         if self.seconds > 0:
             log.add("train/images_per_s", self.timed_images / self.seconds, position)
-        self.__init__()
+        self.clear()

@@ -33,9 +33,11 @@ def kaggle(tmp_path):
     http.server_close()
 
 
-def remote(server: Kaggle, workdir: Path, *args: str):
+def remote(server: Kaggle, workdir: Path, action: str, *args: str):
+    """kit.remote ACTION, its own flags first: anything after `--` in `args` goes to the notebook's kit.stage."""
     env = server.environment(workdir.parent / "no-config")
-    return run_kit("kit.remote", *args, "--workdir", str(workdir), "--interval", "0.01", env=env, timeout=120)
+    return run_kit("kit.remote", action, "--workdir", str(workdir), "--interval", "0.01", *args, env=env,
+                   timeout=120)
 
 
 def push(server: Kaggle, workdir: Path, *args: str):
