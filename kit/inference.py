@@ -46,8 +46,9 @@ class Predictor:
         plain, extra = transforms or (plain_transform(self.loaded.image_size), tta_transform(self.loaded.image_size))
         return tta_views(image, self.loaded.image_size, self.views, key, self.seed, plain, extra)
 
-    def predict_views(self, views: np.ndarray, pad_to: int = 0) -> np.ndarray:
-        """(images * views, size, size, 3) uint8 -> (images, classes), the views' mean.
+    def predict_views(self, views: np.ndarray, pad_to: int = 0, each_view: bool = False) -> np.ndarray:
+        """(images * views, size, size, 3) uint8 -> (images, classes), the views' mean; (images, views, classes)
+        with `each_view`.
 
         `pad_to`: a shorter batch is padded to that many inputs and the padding's outputs dropped,
         so the last, short batch runs the program the full ones compiled (XLA compiles per shape).
@@ -56,7 +57,8 @@ class Predictor:
         if rows < pad_to:
             views = np.concatenate([views, np.zeros((pad_to - rows, *views.shape[1:]), views.dtype)])
         probs = np.asarray(self.loaded.model.predict_on_batch(views), np.float64)[:rows]
-        return probs.reshape(-1, self.views, len(self.loaded.classes)).mean(axis=1)
+        probs = probs.reshape(-1, self.views, len(self.loaded.classes))
+        return probs if each_view else probs.mean(axis=1)
 
     def predict_image(self, source: str | Path | Image.Image, key: str = "upload") -> np.ndarray:
         """One photo (a path or a PIL image) -> probabilities; raises UnreadableImage."""
@@ -67,14 +69,16 @@ class Predictor:
         probs = self.predict_image(source, key)
         return [(self.loaded.classes[k], float(probs[k])) for k in np.argsort(-probs, kind="stable")]
 
-    def predict_many(self, images, keys: Sequence[str], progress: bool = True) -> tuple[np.ndarray, dict[str, str]]:
+    def predict_many(self, images, keys: Sequence[str], progress: bool = True,
+                     each_view: bool = False) -> tuple[np.ndarray, dict[str, str]]:
         """Probabilities for images[i] (a cache or anything indexable), keyed by keys[i] for the TTA draws.
 
-        Returns the probabilities (NaN rows for unreadable images) and {key: why} for those.
+        Returns the probabilities (NaN rows for unreadable images) and {key: why} for those; with
+        `each_view`, (images, views, classes): view 0, the plain one, is the prediction without TTA.
         """
         per_batch = max(1, self.batch_views // self.views)
         chunks = [range(start, min(start + per_batch, len(keys))) for start in range(0, len(keys), per_batch)]
-        probs = np.full((len(keys), len(self.loaded.classes)), np.nan)
+        probs = np.full((len(keys), *([self.views] if each_view else []), len(self.loaded.classes)), np.nan)
         unreadable: dict[str, str] = {}
         local = threading.local()  # one pair of transforms per thread: reseeding a shared one would race
 
@@ -94,7 +98,7 @@ class Predictor:
         with tqdm(total=len(keys), desc=f"predicting (TTA {self.views})", disable=not progress, mininterval=1.0) as bar:
             for rows, views, done in ordered_map(prepare, chunks, self.workers):
                 if views is not None:
-                    probs[rows] = self.predict_views(views, pad_to=per_batch * self.views)
+                    probs[rows] = self.predict_views(views, pad_to=per_batch * self.views, each_view=each_view)
                 bar.update(done)
         return probs, unreadable
 
@@ -139,7 +143,9 @@ def score(probs: np.ndarray, labels: np.ndarray) -> Scores:
 
 def predict_labelled(loaded: Servable, images, keys: Sequence[str], labels: np.ndarray, tta: int = TTA_VIEWS,
                      seed: int = SEED, workers: int = DEFAULT_WORKERS, batch_views: int = VIEWS_PER_BATCH,
-                     progress: bool = True) -> tuple[np.ndarray, dict[str, str], Scores]:
-    """The one validation path: labelled photos' probabilities with `tta` views, what was unreadable, the scores."""
-    probs, unreadable = Predictor(loaded, tta, seed, workers, batch_views).predict_many(images, keys, progress)
-    return probs, unreadable, score(probs, labels)
+                     progress: bool = True, each_view: bool = False) -> tuple[np.ndarray, dict[str, str], Scores]:
+    """The one validation path: labelled photos' probabilities with `tta` views (each view's, with `each_view`),
+    what was unreadable, the scores (of the views' mean)."""
+    probs, unreadable = Predictor(loaded, tta, seed, workers, batch_views).predict_many(images, keys, progress,
+                                                                                      each_view)
+    return probs, unreadable, score(probs.mean(axis=1) if each_view else probs, labels)

@@ -182,14 +182,15 @@ def validation_set(workdir: Workdir, loaded: LoadedModel, workers: int):
 
 
 def validation_probabilities(workdir: Workdir, loaded: LoadedModel, validation, views: int, seed: int,
-                             workers: int = DEFAULT_WORKERS,
-                             batch_views: int = VIEWS_PER_BATCH) -> tuple[np.ndarray, dict[str, str]]:
+                             workers: int = DEFAULT_WORKERS, batch_views: int = VIEWS_PER_BATCH,
+                             each_view: bool = False) -> tuple[np.ndarray, dict[str, str]]:
     """The probabilities of `validation` (what validation_set returns) with `views` views, and the photos that
-    could not be read: computed once per model, view count and seed.
+    could not be read: computed once per model, view count and seed. With `each_view`, (photos, views,
+    classes): view 0, the plain one, is the prediction without TTA, so the report needs one pass for both.
 
     kit.predict and kit.report both score the validation photos (a notebook runs one after the
-    other): the probabilities are kept in report/validation_views<N>.npz with what they belong to
-    (the weights file's sha256, the seed, the photos), and reused while all of it is unchanged.
+    other): every view's probabilities are kept in report/validation_views<N>.npz with what they
+    belong to (the weights file's sha256, the seed, the photos), and reused while all of it is unchanged.
     """
     images, keys, labels, _ = validation
     path = workdir.report / f"validation_views{max(views, 1)}.npz"
@@ -197,11 +198,14 @@ def validation_probabilities(workdir: Workdir, loaded: LoadedModel, validation, 
     weights = _digest(Path(loaded.source), stat.st_mtime_ns, stat.st_size)
     made_of = {"weights": weights, "seed": seed, "image_size": loaded.image_size, "keys": keys}
     stored = checkpoint.read_state(path) or {}
-    if stored.get("made_of") == made_of:
-        return checkpoint.read(path)[0]["probs"], stored["unreadable"]
-    probs, unreadable, _ = predict_labelled(loaded, images, keys, labels, views, seed, workers, batch_views)
-    checkpoint.write_arrays(path, {"probs": probs}, {"made_of": made_of, "unreadable": unreadable})
-    return probs, unreadable
+    arrays = checkpoint.read(path)[0] if stored.get("made_of") == made_of else {}
+    if "view_probs" in arrays:  # a file of an older kit kept only the mean: made again
+        view_probs, unreadable = arrays["view_probs"], stored["unreadable"]
+    else:
+        view_probs, unreadable, _ = predict_labelled(loaded, images, keys, labels, views, seed, workers, batch_views,
+                                                     each_view=True)
+        checkpoint.write_arrays(path, {"view_probs": view_probs}, {"made_of": made_of, "unreadable": unreadable})
+    return (view_probs if each_view else view_probs.mean(axis=1)), unreadable
 
 
 @functools.lru_cache(maxsize=4)

@@ -69,22 +69,23 @@ def stage_histories(workdir: Workdir) -> dict[str, list[dict]]:
     return histories
 
 
-def evaluate(loaded: LoadedModel, predictions, labels: np.ndarray, tta: int) -> tuple[dict, np.ndarray]:
-    """Accuracy with one view and with `tta` views; the last one's matrix, per-class figures and probabilities.
+def evaluate(loaded: LoadedModel, view_probs: np.ndarray, unreadable: dict[str, str],
+             labels: np.ndarray) -> tuple[dict, np.ndarray]:
+    """Accuracy with one view and with all of them; the last one's matrix, per-class figures and probabilities.
 
-    `predictions(views)` gives (probabilities, unreadable) for the section's photos.
+    `view_probs` (photos, views, classes) come from one pass: view 0 is the plain one, the
+    prediction without TTA, so both figures cost one pass instead of two.
     """
-    results = {}
-    for views in sorted({1, max(tta, 1)}):
-        probs, unreadable = predictions(views)
-        name = "no TTA" if views == 1 else f"TTA {views}"
-        results[name] = {"scores": score(probs, labels), "unreadable": unreadable, "probs": probs}
-    best = results[list(results)[-1]]
-    scores = best["scores"]
-    matrix, rows = per_class(labels[scores.scored], scores.predicted, loaded.classes)
-    return {"accuracy": {name: r["scores"].accuracy for name, r in results.items()}, "images": scores.images,
-            "best": list(results)[-1], "per_class": rows, "confusion_matrix": matrix.tolist(),
-            "unreadable": best["unreadable"]}, best["probs"]
+    views = view_probs.shape[1]
+    results = {"no TTA": view_probs[:, 0]}
+    if views > 1:
+        results[f"TTA {views}"] = view_probs.mean(axis=1)
+    scores = {name: score(probs, labels) for name, probs in results.items()}
+    best = list(results)[-1]
+    matrix, rows = per_class(labels[scores[best].scored], scores[best].predicted, loaded.classes)
+    return {"accuracy": {name: s.accuracy for name, s in scores.items()}, "images": scores[best].images,
+            "best": best, "per_class": rows, "confusion_matrix": matrix.tolist(),
+            "unreadable": unreadable}, results[best]
 
 
 def top_losses(probs: np.ndarray, labels: np.ndarray, count: int) -> np.ndarray:
@@ -158,13 +159,14 @@ def write_report(workdir: Workdir, loaded: LoadedModel, tta: int, seed: int, wor
     metrics = {"model": loaded.describe(), "classes": list(loaded.classes), "final_fit": loaded.final_fit}
     summary = [f"Model: {loaded.describe()}"]
     for name, (images, keys, labels, paths) in sections.items():
+        views = max(tta, 1)
         if name == "validation":  # scored once per model and view count: kit.predict may have done it already
-            def predictions(views: int, validation=sections["validation"]):
-                return validation_probabilities(workdir, loaded, validation, views, seed, workers)
+            view_probs, unreadable = validation_probabilities(workdir, loaded, sections["validation"], views, seed,
+                                                              workers, each_view=True)
         else:
-            def predictions(views: int, images=images, keys=keys):
-                return Predictor(loaded, views, seed, workers).predict_many(images, list(keys))
-        result, probs = evaluate(loaded, predictions, labels, tta)
+            view_probs, unreadable = Predictor(loaded, views, seed, workers).predict_many(images, list(keys),
+                                                                                         each_view=True)
+        result, probs = evaluate(loaded, view_probs, unreadable, labels)
         result["held_out"] = not (name == "validation" and loaded.final_fit)
         metrics[name] = result
         if result["held_out"]:  # with the true class, for kit.ensemble to score combinations on the same photos

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from kit.cli import KitError
 from kit.config import COMPETITION, COMPETITION_CLASSES, Workdir
 from kit.dataset import Description, describe, mark_unverified
-from kit.files import atomic_path, write_text
+from kit.files import write_text
 
 TEST_LABELS = "test_labels.csv"  # the answers for a synthetic test set; the real one has none
 
@@ -73,8 +73,10 @@ def write_synthetic(workdir: Workdir, per_class: int = 100, test: int = 50, seed
         # One generator per file, so any subset of files can be regenerated identically.
         image = synthetic_image(label, np.random.default_rng([seed, k]), size)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            image.save(tmp, format="JPEG", quality=90)
+        # Written in place, not through atomic_path (two fsyncs a file, half the time of 6,700 small ones): data/
+        # is unverified until describe() writes its description last, so a kill mid-file leaves nothing a command
+        # would read, and the next download writes every file again.
+        image.save(path, format="JPEG", quality=90)
     write_text(data / "train.csv", train.to_csv(index=False))
     write_text(data / "sample-submission.csv", pd.DataFrame({"Id": test_ids, "Category": 0}).to_csv(index=False))
     write_text(data / TEST_LABELS, pd.DataFrame({"Id": test_ids, "Category": test_labels}).to_csv(index=False))

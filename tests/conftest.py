@@ -83,6 +83,10 @@ def pytest_configure(config):
     if FORK_DIR not in os.environ:
         os.environ[FORK_DIR] = tempfile.mkdtemp(prefix="kitfork")
         config.stash[_OWNS_SERVERS] = True
+        # One JAX compilation cache for the run's processes (the kit takes a JAX_COMPILATION_CACHE_DIR of the
+        # user's over the run's own weights/compiled): each JAX process otherwise compiles the same initializers
+        # and steps again, 5-10 s on these cores. The smoke run keeps its own, as a user's run does.
+        os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.environ[FORK_DIR], "jax-compiled"))
 
 
 def fork_server(backend: str) -> str:
@@ -146,7 +150,7 @@ def smoke_run(tmp_path_factory) -> Path:
     """One full `python -m kit --smoke` (all seven stages and prediction); returns its work directory."""
     def build(root: Path) -> None:
         result = run_kit("kit", "--smoke", "--workdir", str(root), "--deterministic",
-                         env={"KERAS_BACKEND": SMOKE_BACKEND})
+                         env={"KERAS_BACKEND": SMOKE_BACKEND, "JAX_COMPILATION_CACHE_DIR": ""})
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     return built_once(tmp_path_factory, "smoke", build) / "smoke"
