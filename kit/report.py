@@ -158,8 +158,8 @@ def write_report(workdir: Workdir, loaded: LoadedModel, tta: int, seed: int, wor
         sections["test"] = test[:4]
     metrics = {"model": loaded.describe(), "classes": list(loaded.classes), "final_fit": loaded.final_fit}
     summary = [f"Model: {loaded.describe()}"]
+    views = max(tta, 1)
     for name, (images, keys, labels, paths) in sections.items():
-        views = max(tta, 1)
         if name == "validation":  # scored once per model and view count: kit.predict may have done it already
             view_probs, unreadable = validation_probabilities(workdir, loaded, sections["validation"], views, seed,
                                                               workers, each_view=True)

