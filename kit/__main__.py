@@ -59,12 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"== prediction (TTA {args.tta})")
     loaded = predict.load_model(predict.weights_path(workdir))
     print(f"Model: {loaded.describe()}")
-    budget = Budget.minutes(args.time_budget)
-    needed = predict.expected_seconds(workdir, loaded, args.tta, validation_too=False)
-    if budget.limited and needed > budget.left():
-        print(f"Prediction was not started: by the stages' timings it takes about {needed / 60:.1f} min, and "
-              f"{max(budget.left(), 0) / 60:.1f} min of the --time-budget are left. Run the same command again in a "
-              "new session: training is done, so it goes straight to the prediction.")
+    needed = predict.expected_seconds(workdir, loaded, args.tta, validation=False)
+    if not predict.fits_budget(Budget.minutes(args.time_budget), needed, "Prediction", "Run the same command again "
+                               "in a new session: training is done, so it goes straight to the prediction."):
         return EXIT_STOPPED
     table, unreadable, written = predict.predict_test(workdir, loaded, args.tta, loaded.config.seed, args.workers)
     print(f"Wrote {written} ({len(table)} rows)")

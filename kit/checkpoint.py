@@ -172,6 +172,9 @@ def _write_slowly_if_asked(path: Path, data: bytes) -> None:
 def read(path: Path) -> tuple[dict[str, np.ndarray], dict]:
     """The arrays and the state of a checkpoint; CorruptCheckpoint when it is truncated or damaged."""
     try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":  # not numpy's advice on pickles: the kit never loads one
+                raise CorruptCheckpoint(f"{path}: not a weights file of the kit (an .npz archive)")
         with np.load(path) as archive:
             arrays = {name: archive[name] for name in archive.files}  # reads (and CRC-checks) every member
     except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError) as error:

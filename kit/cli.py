@@ -113,6 +113,11 @@ def disk_message(error: OSError) -> str | None:
     return None
 
 
+def paragraph(text: str) -> str:
+    """A message wrapped at 100 columns, never inside a path or a flag (car-kit, --cache-dir), so it pastes whole."""
+    return textwrap.fill(text, width=100, break_on_hyphens=False, break_long_words=False)
+
+
 def main_guard(main: Callable[[Sequence[str] | None], int],
                sigterm: bool = True) -> Callable[[Sequence[str] | None], int]:
     """KitError and disk errors -> one paragraph on stderr and exit code 2; SIGTERM -> 3; a second Ctrl-C -> 1.
@@ -134,13 +139,13 @@ def main_guard(main: Callable[[Sequence[str] | None], int],
         try:
             return main(argv)
         except KitError as error:
-            print(textwrap.fill(f"error: {error}", width=100), file=sys.stderr)
+            print(paragraph(f"error: {error}"), file=sys.stderr)
             return EXIT_USER_ERROR
         except OSError as error:
             message = disk_message(error)
             if message is None:
                 raise
-            print(textwrap.fill(f"error: {message}", width=100), file=sys.stderr)
+            print(paragraph(f"error: {message}"), file=sys.stderr)
             return EXIT_USER_ERROR
         except Terminated:
             print("stopped by SIGTERM before the command finished. The kit writes every file whole, so nothing it "

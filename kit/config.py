@@ -29,6 +29,14 @@ COMPETITION_CLASSES: tuple[str, ...] = (
     "Lada 21099",
 )
 
+# How long a Kaggle session may run, by accelerator, in minutes: 12 hours for CPU and GPU sessions, 9 for TPU
+# sessions (https://www.kaggle.com/docs/notebooks, "Technical specifications"; some users report GPU sessions
+# cut at 9 hours too). A pushed version trains until the limit less TRAINING_MARGIN_MIN, and its report and
+# prediction must end SAVE_MARGIN_MIN before it, so Kaggle saves the output of a version that ended cleanly.
+KAGGLE_SESSION_MINUTES = {"gpu": 720, "none": 720, "tpu": 540}
+TRAINING_MARGIN_MIN = 30
+SAVE_MARGIN_MIN = 10
+
 SEED = 42
 VAL_FRACTION = 0.2
 TTA_VIEWS = 10

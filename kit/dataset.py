@@ -170,8 +170,44 @@ def is_hidden(relative: PurePosixPath) -> bool:
 
 
 def is_image(path: PurePosixPath) -> bool:
-    """By extension, as a folder is listed; decoding is checked later, and unreadable photos are listed then."""
+    """By extension, as a folder is listed; `image_problem` then looks inside, and decoding is checked later."""
     return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+# The first bytes of each format PIL decodes for the kit (whatever the file's extension says).
+MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+# Where a whole file says it ends: JPEG's end-of-image marker, PNG's IEND chunk.
+ENDS = {b"\xff\xd8\xff": b"\xff\xd9", b"\x89PNG\r\n\x1a\n": b"IEND"}
+TAIL = 4096
+
+
+def image_problem(path: Path) -> str | None:
+    """Why a file named as an image is not a whole photo ('empty files', ...), from its first and last bytes; None
+    when it looks whole.
+
+    Cheap enough for every file at indexing (two small reads): a web page saved as .jpg or an empty file is
+    caught by its first bytes, a cut JPEG or PNG by its missing end marker. Only a file without one (a cut upload,
+    or a phone's motion photo with a video after the picture) is decoded to decide.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+            f.seek(max(0, os.fstat(f.fileno()).st_size - TAIL))
+            tail = f.read()
+    except OSError:
+        return "files that cannot be read"
+    if not head:
+        return "empty files"
+    kind = next((magic for magic in MAGIC if head.startswith(magic)), None)
+    if kind is None and not (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        return "files named as images that are not (a web page or other file under an image's name)"
+    if kind in ENDS and ENDS[kind] not in tail:
+        try:
+            with Image.open(path) as image:
+                image.load()
+        except Exception:  # noqa: BLE001 - PIL raises many types for a cut file
+            return "damaged or truncated images"
+    return None
 
 
 @dataclass(frozen=True)
@@ -205,6 +241,8 @@ def scan_folder(root: Path, class_folders: bool = False, loose: bool = True) -> 
             skipped["images in nested folders"].append(relative.as_posix())
         elif class_folders and depth == 1 and not loose:
             skipped["images outside a class folder"].append(relative.as_posix())
+        elif problem := image_problem(path):
+            skipped[problem].append(relative.as_posix())
         else:
             images.append(relative)
     return FolderScan(Path(root), tuple(images), dict(skipped))
@@ -266,8 +304,10 @@ def folder_index(root: Path, data: Path) -> tuple[pd.DataFrame, list[str], dict]
             found[subset][name].append(folder / relative)
     classes = sorted(name for name, files in found["train"].items() if files)
     if len(classes) < 2:
-        raise KitError(f"{subsets['train']} has {len(classes)} class folder(s) with images; a classifier needs at "
-                       "least 2. Each class should be a folder of photos: train/<class>/<photo>.")
+        passed = "; ".join(f"{len(paths)} {reason} (e.g. {paths[0]})" for reason, paths in skipped.items())
+        raise KitError(f"{subsets['train']} has {len(classes)} class folder(s) with readable photos; a classifier "
+                       "needs at least 2. Each class should be a folder of photos: train/<class>/<photo>."
+                       + (f" Skipped: {passed}." if passed else ""))
     for subset in ("val", "test"):
         unknown = sorted(set(found.get(subset, {})) - set(classes) - {""})
         if unknown:
@@ -551,6 +591,8 @@ def saved_split(workdir: Workdir, frame: pd.DataFrame) -> np.ndarray:
     redo = (f"The split is computed from the photos and the run's seed, so deleting {path} makes the kit write "
             "the same one again; the run's weights are intact.")
     try:
+        if not path.read_bytes().endswith(b"\n"):  # the kit writes whole lines: the last one was cut
+            raise ValueError("its last line is cut short")
         saved = pd.read_csv(path, dtype={"Id": str})
         if not {"Id", "fold"} <= set(saved.columns):
             raise ValueError(f"columns {', '.join(map(str, saved.columns))}, not Id, Category, fold")

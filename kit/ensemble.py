@@ -68,10 +68,13 @@ def accuracy(probs: np.ndarray, labels: pd.Series, classes: Sequence[str]) -> fl
 def read_probabilities(path: Path) -> pd.DataFrame:
     """A probabilities CSV of the kit: the key column first, then one column per class."""
     try:
+        if not path.read_bytes().endswith(b"\n"):  # the kit writes whole lines: the last one was cut
+            raise ValueError("its last line is cut short")
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (OSError, ValueError) as error:
         raise KitError(f"{path} cannot be read as a probabilities CSV ({error}). Give a file written by "
-                       "kit.predict or kit.report, or a work directory.") from None
+                       "kit.predict or kit.report (to write it again: 'python -m kit.predict' in that run's "
+                       "--workdir), or a work directory.") from None
     key = table.columns[0]
     classes = [c for c in table.columns[1:] if c not in LEADING]
     try:

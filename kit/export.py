@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -98,10 +100,33 @@ def litert_probabilities(path: Path, views: np.ndarray) -> np.ndarray:
     return interpreter.get_tensor(output["index"])
 
 
+def constant_normalization(model) -> None:
+    """Keras' Normalization layers (keras-efficientnet*) with their mean and variance as constants of the graph.
+
+    The layer computes them from its variables as tensors, which a traced graph captures; tf2onnx leaves such
+    captures as inputs of the ONNX graph, which ONNX Runtime then demands. As numpy arrays they are folded in.
+    """
+    import keras
+
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, keras.layers.Normalization) and layer.mean is not None:
+            layer.mean, layer.variance = (keras.ops.convert_to_numpy(v) for v in (layer.mean, layer.variance))
+
+
+def remove_leftovers(folder: Path) -> None:
+    """A killed export's temporary files and folders (.model.onnx.*.tmp, .savedmodel.tmp): never read, only in the
+    way."""
+    for name in FORMATS.values():
+        for leftover in folder.glob(f".{name}.*"):
+            _remove(leftover)
+
+
 def export(loaded: LoadedModel, folder: Path, formats: Sequence[str], photos: Sequence[Path]) -> dict[str, float]:
     """Write each format and check it against the Keras model; returns each format's largest difference."""
     views = check_views(loaded, photos)
     expected = np.asarray(loaded.model.predict_on_batch(views), np.float64)  # also builds what export traces
+    constant_normalization(loaded.model)
+    remove_leftovers(folder)
     differences = {}
     for fmt in formats:
         path = folder / FORMATS[fmt]
@@ -112,7 +137,7 @@ def export(loaded: LoadedModel, folder: Path, formats: Sequence[str], photos: Se
             _remove(path)
             raise KitError(f"The {fmt} export of {loaded.backbone} does not run in its own runtime ("
                            f"{str(error).splitlines()[0][:300]}), so it was removed. Export another format "
-                           "(--format), or a backbone that exports cleanly (efficientnet-b0..b7, tiny-cnn).") from None
+                           "(--format).") from None
         differences[fmt] = difference
         if not difference <= TOLERANCE:
             _remove(path)
@@ -164,8 +189,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def under_tensorflow(argv: Sequence[str] | None) -> None:
+    """Become the same command under TensorFlow: the converters (tf2onnx, SavedModel, LiteRT) are TensorFlow's, and a
+    checkpoint is the same model on every backend. The process is replaced, so its signals and exit code are the
+    export's own."""
+    print(f"kit.export converts under TensorFlow (Keras on {os.environ.get('KERAS_BACKEND', 'another backend')} "
+          "here); the weights are the same on every backend.", flush=True)
+    command = [sys.executable, "-m", "kit.export", *(sys.argv[1:] if argv is None else argv)]
+    os.execve(sys.executable, command, {**os.environ, "KERAS_BACKEND": "tensorflow"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import keras  # late, as everywhere: the backend is known only once Keras is imported
+
+    if keras.backend.backend() != "tensorflow":
+        under_tensorflow(argv)
     formats = list(dict.fromkeys([*args.format, *([format_for(args.publish)] if args.publish else [])]))
     api = kaggle_api() if args.publish else None  # credentials checked before the export, not after
     workdir, loaded = model_from_args(args)

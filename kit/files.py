@@ -10,6 +10,7 @@ would overwrite each other's checkpoints; the lock file makes the second one ref
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -35,6 +36,8 @@ FILE_MODE = _file_mode()
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success flush it to disk and rename it over `path`."""
     path = Path(path)
+    if path.is_dir():  # else the rename fails naming the temporary file
+        raise IsADirectoryError(errno.EISDIR, "Is a directory", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.fchmod(fd, FILE_MODE)
@@ -46,8 +49,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except OSError as error:
+        raise named(error, path) from error
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def named(error: OSError, path: str | os.PathLike) -> OSError:
+    """The error with the file it was writing: a failed write() names none, and a full disk's message names its disk."""
+    return error if error.filename is not None else OSError(error.errno, error.strerror, str(path))
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -127,6 +137,24 @@ class WorkdirLock:
         self._thread = threading.Thread(target=self._beat, name="workdir-lock-heartbeat", daemon=True)
         self._thread.start()
 
+    def wait(self, deadline: float = float("inf"), poll_s: float = 0.2) -> bool:
+        """Acquire, waiting while another live process holds the lock; False if `deadline` (time.time()) came first.
+
+        A holder that died on this host is taken over at once, one on another host after its heartbeat stops.
+        """
+        said = False
+        while True:
+            try:
+                self.acquire()
+                return True
+            except LockHeld:
+                if time.time() + poll_s > deadline:
+                    return False
+                if not said:
+                    print(f"waiting for {_holder(self._read())}, which holds {self.path} ({self.what})", flush=True)
+                    said = True
+                time.sleep(poll_s)
+
     def release(self) -> None:
         self._stop.set()
         if self._thread is not None:
@@ -139,8 +167,12 @@ class WorkdirLock:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, FILE_MODE)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as f:
-            json.dump({**self.record, "heartbeat": time.time()}, f)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump({**self.record, "heartbeat": time.time()}, f)
+        except OSError as error:  # a full disk: no empty lock left behind for the next run to take over
+            self.path.unlink(missing_ok=True)
+            raise named(error, self.path) from error
         return True
 
     def _read(self) -> dict:

@@ -54,6 +54,14 @@ class KaggleClient(Protocol):
                                       quiet: bool = False, dir_mode: str = "skip"): ...
 
 
+def slugify(title: str) -> str:
+    """The slug the kaggle package makes of a kernel's title, and Kaggle names the kernel by (python-slugify, the
+    package's own dependency): 'car--kit' and 'car-kit-' both become 'car-kit'."""
+    from slugify import slugify as package_slugify
+
+    return package_slugify(title)
+
+
 def kaggle_api() -> KaggleClient:
     """The kaggle package's API object, authenticated; its exit on missing credentials becomes our message."""
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):

@@ -82,12 +82,49 @@ class Manifest:
                 raise ValueError(f"it holds {type(saved).__name__} {str(saved)[:40]}, not the kit's record")
             stages = {int(step): StageRecord.from_dict(record) for step, record in saved.get("stages", {}).items()}
         except FileNotFoundError:
-            return cls(workdir)
+            saved, stages = {}, {}
         except (ValueError, UnicodeDecodeError, TypeError, AttributeError) as error:
-            raise KitError(f"{path} is damaged ({error}). The checkpoints next to it are intact: delete the file only "
-                           "if you also mean to start the stages over.") from None
+            raise KitError(f"{path} is damaged ({error}). The weights and checkpoints next to it are intact: rebuild "
+                           f"the record from them with '{workdir.command('kit.stage', '--rebuild-record')}' (the "
+                           "damaged file is kept as state.json.damaged).") from None
+        if not stages and (trained := trained_steps(workdir)):
+            raise KitError(f"{path} {'holds no record of the stages' if path.is_file() else 'is missing'}, but "
+                           f"{workdir.weights} holds trained weights of stage{'s' if len(trained) > 1 else ''} "
+                           f"{', '.join(map(str, trained))}: the run's record is damaged, its weights are not. Rebuild "
+                           "the record from the stage folders with "
+                           f"'{workdir.command('kit.stage', '--rebuild-record')}' (or put back a copy of state.json), "
+                           "then run your command again.")
         other = {k: v for k, v in saved.items() if k not in ("config", "stages", "costs")}
         return cls(workdir, saved.get("config"), stages, saved.get("costs") or {}, other)
+
+    @classmethod
+    def rebuilt(cls, workdir: Workdir) -> "Manifest":
+        """The record of a run whose state.json was lost, from what its stage folders hold, saved.
+
+        A stage's best weights carry its config, score and epoch (and, since 0.3, its plan); an interrupted
+        stage's newest checkpoint carries its whole loop state. Costs are measured again as the run goes on.
+        """
+        manifest = cls(workdir)
+        for step in trained_steps(workdir):
+            folder = workdir.stage_dir(step)
+            best = checkpoint.read_state(folder / BEST)
+            newest = checkpoint.newest_readable(folder)
+            if newest is not None:  # interrupted: the checkpoint is newer than any best file beside it
+                state = newest[2]
+                record = StageRecord("interrupted", state["plan"], {"epoch": state["epoch"], "step": state["step"]},
+                                     state.get("runtime", {}), best_val_accuracy=state.get("best_val_accuracy"),
+                                     best_epoch=state.get("best_epoch"), epochs=len(state.get("history", [])),
+                                     wall_time_s=state.get("wall_time_s"), images_seen=state.get("images_seen"))
+            elif best is not None:
+                record = StageRecord("done", best.get("plan"), best_val_accuracy=best.get("val_accuracy"),
+                                     best_epoch=best.get("epoch"), epochs=len(read_log(workdir, step)) or None)
+                state = best
+            else:
+                continue
+            manifest.stages[step] = record
+            manifest.config = manifest.config or state.get("config")
+        manifest.save()
+        return manifest
 
     def save(self) -> None:
         """The whole manifest, written atomically (the one place that writes weights/state.json)."""
@@ -143,6 +180,18 @@ class Manifest:
         """Training images the run saw in the stages before `step`: where stage `step`'s curves start."""
         return max((r.images_seen or 0 for s, r in self.stages.items() if s < step), default=0)
 
+    def named_files(self) -> list[Path]:
+        """The files the record says the run holds: each done stage's best weights, an interrupted one's newest
+        checkpoint. A copy that lacks one of them is not the whole run."""
+        files = []
+        for step, record in sorted(self.stages.items()):
+            folder = self.workdir.stage_dir(step)
+            if record.status == "done":
+                files.append(folder / BEST)
+            elif record.status == "interrupted" and record.position:
+                files.append(folder / checkpoint.checkpoint_name(record.position["epoch"], record.position["step"]))
+        return files
+
     def last_finished(self) -> int | None:
         """The latest stage that is done (the final fit counts as the last), or None."""
         return max((step for step in self.stages if self.status(step) == "done"), default=None)
@@ -178,6 +227,12 @@ def best_weights(workdir: Workdir, step: int) -> Path:
     return workdir.stage_dir(step) / BEST
 
 
+def trained_steps(workdir: Workdir) -> list[int]:
+    """The stages whose folders hold best weights or checkpoints, in order."""
+    return [step for step in range(1, FINAL_FIT_STEP + 1)
+            if best_weights(workdir, step).is_file() or checkpoint.list_checkpoints(workdir.stage_dir(step))]
+
+
 def stage_args(step: int) -> tuple[str, ...]:
     """The kit.stage flags that name stage `step` (the final fit has its own)."""
     return ("--final-fit",) if step == FINAL_FIT_STEP else ("--step", str(step))
@@ -189,7 +244,8 @@ def copy_run(source: Workdir, target: Workdir) -> None:
     On Kaggle a new session sees the previous version's output read-only under /kaggle/input; the
     run must be copied into /kaggle/working to continue. Nothing is copied into a work directory
     that holds a run already (a notebook re-run), and the manifest is copied last, so a copy
-    killed halfway is not taken for a run and is simply done again.
+    killed halfway is not taken for a run and is simply done again. JAX's compiled programs stay
+    behind (is_compiled): a new session compiles its own.
     """
     if not source.manifest.is_file():
         raise KitError(f"{source.root} holds no run of the kit (no {source.manifest.relative_to(source.root)}). On "
@@ -199,12 +255,18 @@ def copy_run(source: Workdir, target: Workdir) -> None:
         print(f"{target.weights} already holds a run; nothing copied. Delete that folder first to replace it "
               f"with the one in {source.weights}.")
         return
-    files = sorted((p for p in source.weights.rglob("*") if p.is_file() and not p.name.startswith(".")),
-                   key=lambda p: p == source.manifest)
+    files = sorted((p for p in source.weights.rglob("*") if p.is_file() and not p.name.startswith(".")
+                    and not is_compiled(p.relative_to(source.weights.parent))), key=lambda p: p == source.manifest)
     for path in tqdm(files, desc="copying the run", unit="file", mininterval=1.0):
         with atomic_path(target.weights / path.relative_to(source.weights)) as tmp:
             shutil.copyfile(path, tmp)
     print(f"Copied the run of {source.root} ({len(files)} files) into {target.weights}.")
+
+
+def is_compiled(relative: Path) -> bool:
+    """A file of weights/compiled/ (JAX's programs, native code the next process loads): never copied from a run
+    elsewhere (another session's output, a folder of someone else's), only ever made by this machine."""
+    return relative.parts[:2] == ("weights", "compiled")
 
 
 def status_table(manifest: Manifest, stages: tuple[Stage, ...]) -> str:

@@ -25,9 +25,12 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 from kit.cli import EXIT_STOPPED
-from kit.config import COMPETITION
+from kit.config import COMPETITION, KAGGLE_SESSION_MINUTES, SAVE_MARGIN_MIN, TRAINING_MARGIN_MIN
+from kit.devices import tpu_present
+from kit.files import write_text
 
 KAGGLE_INPUT = "/kaggle/input"
 
@@ -85,6 +88,59 @@ def _interrupt(process: subprocess.Popen, grace_s: float) -> int:
     except (KeyboardInterrupt, subprocess.TimeoutExpired):
         process.kill()
         return process.wait()
+
+
+HARDWARE = "hardware.json"  # in the work directory: what each session asked for and was given
+
+
+def gpu_names() -> list[str]:
+    """The GPUs of this machine by nvidia-smi, without starting a framework; [] where there are none."""
+    try:
+        listed = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                                text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line.strip() for line in listed.stdout.splitlines() if line.strip()] if listed.returncode == 0 else []
+
+
+def hardware_mismatch(accelerator: str, machine: str | None, gpus: list[str], tpu: bool) -> str:
+    """'' when the session has what was asked; else what differs, in words."""
+    got = "a TPU" if tpu else f"{len(gpus)} x {gpus[0]}" if gpus else "no accelerator"
+    if accelerator == "tpu" and not tpu:
+        return f"a TPU was asked for and the session has {got}"
+    if accelerator == "gpu" and not gpus:
+        return f"a GPU was asked for and the session has {got}"
+    model = (machine or "").removeprefix("NvidiaTesla").removeprefix("Nvidia")  # NvidiaTeslaT4 -> T4
+    if accelerator == "gpu" and model and not any(model.lower() in name.lower() for name in gpus):
+        return f"{machine} was asked for and the session has {got}"
+    return ""
+
+
+def record_hardware(workdir: str, accelerator: str, machine: str | None = None) -> dict:
+    """What this session runs on, appended to the run's hardware.json, and a warning when it is not what was asked.
+
+    Kaggle has given P100s to sessions that asked for T4s, and run TPU pushes on the image without a TPU; the
+    run's record and `kit.remote status` then say so instead of leaving it to a slow epoch to tell.
+    """
+    gpus, tpu = gpu_names(), tpu_present()
+    session = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "asked": {"accelerator": accelerator, "machine": machine},
+               "gpus": gpus, "tpu": tpu, "mismatch": hardware_mismatch(accelerator, machine, gpus, tpu)}
+    path = os.path.join(workdir, HARDWARE)
+    try:
+        with open(path) as f:
+            sessions = json.load(f)
+    except (OSError, ValueError):
+        sessions = []
+    write_text(path, json.dumps([*sessions, session], indent=1) + "\n")
+    print(f"warning: {session['mismatch']}; the kit trains on it as it is (the budget and batches stay the run's)."
+          if session["mismatch"] else f"This session: {', '.join(gpus) or ('a TPU' if tpu else 'CPU only')}.")
+    return session
+
+
+def kaggle_budgets(accelerator: str) -> tuple[float, float]:
+    """(training, after training) budgets in minutes of a Kaggle session on `accelerator` (config's table)."""
+    limit = KAGGLE_SESSION_MINUTES[accelerator]
+    return limit - TRAINING_MARGIN_MIN, limit - SAVE_MARGIN_MIN
 
 
 def kaggle_input(name: str, root: str = KAGGLE_INPUT) -> str:
@@ -213,6 +269,9 @@ Written by `python -m kit.remote push` (or `continue`): the kit's Kaggle noteboo
 FOLDERS = """os.environ['KIT_WORKDIR'] = '/kaggle/working/car-kit'        # the run: saved with the version's output
 os.environ['KIT_DATA_DIR'] = '/kaggle/temp/car-kit/data'     # scratch: outside the 20 GB output limit
 os.environ['KIT_CACHE_DIR'] = '/kaggle/temp/car-kit/cache'
+# JAX's compiled programs stay out of the output too: hundreds of files (Kaggle lists at most 500 of a version's),
+# and native code no later session should load from an output it did not write. A session compiles afresh.
+os.environ['JAX_COMPILATION_CACHE_DIR'] = '/kaggle/temp/car-kit/compiled'
 {backend}os.makedirs(os.environ['KIT_WORKDIR'], exist_ok=True)
 # An earlier version's output attached as input (Add Input > Your Work) is the run to continue: found by itself.
 import glob
@@ -221,34 +280,45 @@ newest = max(runs, key=os.path.getmtime) if runs else ''
 PREVIOUS_RUN = newest[:newest.rindex('/car-kit/') + len('/car-kit')] if newest else ''
 print(f'Continuing the run in {{PREVIOUS_RUN}}.' if PREVIOUS_RUN else 'A new run.')"""
 
+HARDWARE_CELL = """try:  # what this session was given, kept with the run (kit.remote status shows it)
+    from kit.notebook import record_hardware
+    record_hardware(os.environ['KIT_WORKDIR'], {accelerator!r}, {machine!r})
+except ImportError:
+    pass  # a run pinned to a kit that kept no such record"""
+
 TPU_INSTALL = """sh(sys.executable, '-m', 'pip', 'install', '-q', '-U', 'jax[tpu]')  # the TPU's cores, as JAX devices"""
 
 
 def kaggle_cells(repo: str = PLACEHOLDER_REPO, commit: str = "", data: str = COMPETITION, accelerator: str = "gpu",
-                 time_budget: str = "690", stage_args: tuple[str, ...] = (), profile: str = "colab",
-                 remote: bool = False) -> list[tuple[str, str]]:
+                 time_budget: str | None = None, stage_args: tuple[str, ...] = (), profile: str = "colab",
+                 remote: bool = False, machine: str | None = None) -> list[tuple[str, str]]:
     """The Kaggle notebook's cells: the one users upload (the defaults) and the one kit.remote pushes (`remote`).
 
-    A pushed version must end cleanly when the budget stops training, so its training cell takes the
-    stop (exit 3) and skips the report and prediction; the uploaded notebook stops Run all instead.
+    Training stops by `time_budget` (default: the accelerator's session limit less a margin, config's
+    table), and the report and prediction are not started unless they end before the limit does. A
+    pushed version must end cleanly, so its cells take a stop (exit 3) and skip what follows; the
+    uploaded notebook stops Run all instead.
     """
     tpu = accelerator == "tpu"
     chosen = ("--profile", profile) if profile != "colab" else ()
+    training_budget, after = kaggle_budgets(accelerator)
+    budget = ("--time-budget", f"{after:g}")
 
     def call(*args: str, **options: object) -> str:
         return "kit(" + ", ".join([*(repr(a) for a in (*args, *chosen)), *(f"{k}={v!r}" for k, v in options.items())]) + ")"
 
-    train = ("kit.stage", "--all", "--time-budget", time_budget, *stage_args)
-    report = [call("kit.stage", "--status"), call("kit.report", "--tta", "10")]
+    train = ("kit.stage", "--all", "--time-budget", time_budget or f"{training_budget:g}", *stage_args)
+    status = call("kit.stage", "--status")
     if remote:
-        training = [('code', f"if {call(*train, stop_ok=True)}:\n    " + "\n    ".join(
-            [*report, call("kit.predict", "--tta", "10")]))]
+        later = [call("kit.report", "--tta", "10", *budget, stop_ok=True),
+                 call("kit.predict", "--tta", "10", *budget, stop_ok=True)]
+        training = [('code', f"if {call(*train, stop_ok=True)}:\n    " + "\n    ".join([status, *later]))]
     else:
         training = [
             ('markdown', """Train until every stage is done; a stop on the budget ends *Run all* here (save the version, continue in the next session)."""),
             ('code', call(*train)),
-            ('code', "\n".join(report)),
-            ('code', call("kit.predict", "--tta", "10") + "\n" + call("kit.submit", "--check")),
+            ('code', "\n".join([status, call("kit.report", "--tta", "10", *budget)])),
+            ('code', call("kit.predict", "--tta", "10", *budget) + "\n" + call("kit.submit", "--check")),
         ]
     backend = "os.environ['KERAS_BACKEND'] = 'jax'  # a TPU trains under JAX\n" if tpu else ""
     return [
@@ -257,7 +327,7 @@ def kaggle_cells(repo: str = PLACEHOLDER_REPO, commit: str = "", data: str = COM
         ('code', FOLDERS.format(backend=backend)),
         ('code', INSTALL.format(src='/kaggle/temp/car-kit-src', previous_pins=PREVIOUS_PINS)
          + ("\n" + TPU_INSTALL if tpu else "")),
-        ('code', HELPER),
+        ('code', HELPER + "\n" + HARDWARE_CELL.format(accelerator=accelerator, machine=machine)),
         ('markdown', """The data is already attached: copy the CSVs and unpack the photos (no download, no credentials)."""),
         ('code', f"""kit('kit.download', '--from-dir', kaggle_input({data!r}))"""),
         ('code', f"""if PREVIOUS_RUN:

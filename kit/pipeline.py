@@ -31,7 +31,7 @@ from kit import augment
 from kit.cli import KitError, stop_if_terminated
 from kit.config import CACHE_SCALE
 from kit.dataset import Split, UnreadableImage, load_resized, resized_short_side
-from kit.files import write_bytes, write_text
+from kit.files import WorkdirLock, write_bytes, write_text
 
 CACHE_VERSION = 1  # bump when load_resized changes, so old caches are rebuilt
 FLUSH_S = 5.0  # how often a build saves its progress
@@ -54,6 +54,15 @@ def fingerprint(paths: Sequence[str], short_side: int) -> str:
     return digest.hexdigest()
 
 
+def identity(paths: Sequence[str]) -> str:
+    """A short name for a list of photos: two lists (two datasets, two runs sharing --cache-dir) never share a folder.
+
+    The file list alone, not the files' times, so it is cheap to compute (no stat) and a photo that changed
+    rebuilds its own folder instead of leaving a stale one beside a new one.
+    """
+    return hashlib.sha1("\n".join(paths).encode()).hexdigest()[:12]
+
+
 class ImageCache:
     """Resized images of a fixed list of files, in `folder`, addressed by position in that list.
 
@@ -68,17 +77,26 @@ class ImageCache:
                  progress: bool = True, deadline: float = math.inf):
         self.folder, self.paths, self.short_side = folder, list(paths), short_side
         self.fingerprint = fingerprint(self.paths, short_side)
-        meta = self._read_meta()
-        if meta.get("fingerprint") != self.fingerprint:
-            shutil.rmtree(folder, ignore_errors=True)
-            meta = {}
-        if not meta.get("complete"):
-            self._build(workers, progress, deadline)
+        # One process at a time checks, builds and opens a folder: two builders would truncate the pixels under
+        # each other's memory maps and mark black images done. Another process's build is waited for.
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        lock = WorkdirLock(folder.with_name(folder.name + ".lock"), f"building the image cache {folder.name}")
+        if not lock.wait(deadline):
+            raise CacheIncomplete(f"the time budget, while another process built the image cache in {folder}")
+        try:
             meta = self._read_meta()
-        self.unreadable: dict[str, str] = meta["unreadable"]
-        layout = np.load(folder / "layout.npz")
-        self.offsets, self.shapes = layout["offsets"], layout["shapes"]
-        self.pixels = np.memmap(folder / "pixels.u8", np.uint8, mode="r")
+            if meta.get("fingerprint") != self.fingerprint:  # the same photos' files changed: built again
+                shutil.rmtree(folder, ignore_errors=True)
+                meta = {}
+            if not meta.get("complete"):
+                self._build(workers, progress, deadline)
+                meta = self._read_meta()
+            self.unreadable: dict[str, str] = meta["unreadable"]
+            layout = np.load(folder / "layout.npz")
+            self.offsets, self.shapes = layout["offsets"], layout["shapes"]
+            self.pixels = np.memmap(folder / "pixels.u8", np.uint8, mode="r")
+        finally:
+            lock.release()
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -211,17 +229,24 @@ class CacheIncomplete(Exception):
 def open_cache(cache_root: Path, name: str, paths: Sequence[str], image_size: int,
                workers: int = DEFAULT_WORKERS, progress: bool = True, deadline: float = math.inf) -> ImageCache:
     """The cache of `paths` for a stage size, built (or finished) on first use."""
-    folder = cache_folder(cache_root, name, image_size)
+    folder = cache_folder(cache_root, name, paths, image_size)
     return ImageCache(folder, paths, cache_short_side(image_size), workers, progress, deadline)
 
 
-def cache_folder(cache_root: Path, name: str, image_size: int) -> Path:
-    return Path(cache_root) / f"{name}-{cache_short_side(image_size)}"
+def cache_folder(cache_root: Path, name: str, paths: Sequence[str], image_size: int) -> Path:
+    """<root>/<name>-<short side>-<the photos' identity>: e.g. cache/train-258-3f2a9c01b4de."""
+    return Path(cache_root) / f"{name}-{cache_short_side(image_size)}-{identity(paths)}"
 
 
-def cache_is_complete(cache_root: Path, name: str, image_size: int) -> bool:
-    """Whether a cache at this size was finished (for any list of files; a cheap look before a budget decision)."""
-    return bool(_read_meta(cache_folder(cache_root, name, image_size)).get("complete"))
+def cache_is_complete(cache_root: Path, name: str, paths: Sequence[str], image_size: int) -> bool:
+    """Whether the cache of these photos at this size was finished (a cheap look before a budget decision)."""
+    return bool(_read_meta(cache_folder(cache_root, name, paths, image_size)).get("complete"))
+
+
+def labelled_paths(split: Split) -> list[str]:
+    """Every labelled photo of the split in the dataset's order, whatever the split: the "train" cache's list."""
+    labelled = pd.concat([split.train, split.val])
+    return list(labelled[labelled.subset != "pseudo"].sort_values("row").path)
 
 
 def open_training_cache(cache_root: Path, split: Split, image_size: int, workers: int = DEFAULT_WORKERS,
@@ -234,11 +259,8 @@ def open_training_cache(cache_root: Path, split: Split, image_size: int, workers
     (`test_paths`, as kit.predict lists them). Pseudo-labelled test photos are read from the test
     cache, so a pseudo-label run, the prediction and the report share both.
     """
-    labelled = pd.concat([split.train, split.val])
-    pseudo = labelled[labelled.subset == "pseudo"]
-    labelled = labelled[labelled.subset != "pseudo"].sort_values("row")
-    cache = open_cache(cache_root, "train", list(labelled.path), image_size, workers, deadline=deadline)
-    if len(pseudo):  # read_pseudo_labels has made sure they are test photos
+    cache = open_cache(cache_root, "train", labelled_paths(split), image_size, workers, deadline=deadline)
+    if (split.train.subset == "pseudo").any():  # read_pseudo_labels has made sure they are test photos
         cache = Joined([cache, open_cache(cache_root, "test", list(test_paths), image_size, workers,
                                           deadline=deadline)])
     return cache, {path: k for k, path in enumerate(cache.paths)}

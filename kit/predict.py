@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from kit import checkpoint
-from kit.cli import KitError, add_cache_dir, add_workdir, main_guard
+from kit.cli import EXIT_STOPPED, KitError, add_cache_dir, add_workdir, main_guard
 from kit.config import FINAL_FIT_STEP, PROFILES, SEED, STEPS, TTA_VIEWS, VAL_FRACTION, Workdir, stage_of
 from kit.dataset import drop_unreadable, load_split, read_description, read_test, read_train, scan_folder
 from kit.devices import cache_compilations, choose_precision
@@ -35,7 +35,7 @@ from kit.files import sha256, write_text
 from kit.inference import VIEWS_PER_BATCH, Predictor, Subset, predict_labelled, score
 from kit.manifest import Manifest
 from kit.pipeline import DEFAULT_WORKERS, Uncached, open_cache, open_training_cache
-from kit.records import RunConfig
+from kit.records import Budget, RunConfig
 
 METADATA = "model.json"  # beside an exported model (kit.export writes it): its classes, image size, stage
 SUBMISSION, PREDICTIONS = "submission.csv", "predictions.csv"  # under <workdir>/submissions
@@ -137,7 +137,13 @@ def load_onnx(path: Path) -> LoadedModel:
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise KitError(f"{path.parent / METADATA} is missing or damaged ({error}): kit.export writes it beside the "
                        "model, with the class names and image size the model needs. Export again.") from None
-    return LoadedModel(OnnxModel(path), meta.get("backbone", "?"), meta.get("stage"), size, meta.get("val_accuracy"),
+    try:
+        model = OnnxModel(path)
+    except Exception as error:  # noqa: BLE001 - onnxruntime raises its own types (InvalidProtobuf, Fail, ...)
+        raise KitError(f"{path} cannot be loaded by ONNX Runtime ({type(error).__name__}: "
+                       f"{str(error).splitlines()[0][:200]}): it is damaged or not an ONNX model. Export it again "
+                       "with 'python -m kit.export' (or copy it again, whole).") from None
+    return LoadedModel(model, meta.get("backbone", "?"), meta.get("stage"), size, meta.get("val_accuracy"),
                        path, classes, bool(meta.get("final_fit")))
 
 
@@ -236,8 +242,9 @@ def predict_validation(workdir: Workdir, loaded: LoadedModel, tta: int = TTA_VIE
             "kit.ensemble)")
 
 
-def expected_seconds(workdir: Workdir, loaded: LoadedModel, tta: int, validation_too: bool = True) -> float:
-    """What predicting the test photos (and the validation ones) with `tta` views takes, by the stages' timings.
+def expected_seconds(workdir: Workdir, loaded: LoadedModel, tta: int, test: bool = True,
+                     validation: bool = True) -> float:
+    """What predicting the test photos and/or the validation ones with `tta` views takes, by the stages' timings.
 
     A stage times its validation (one view per photo) at each size; prediction is that per view.
     0 when nothing was measured at this size (a run trained elsewhere).
@@ -245,9 +252,18 @@ def expected_seconds(workdir: Workdir, loaded: LoadedModel, tta: int, validation
     measured = Manifest.read(workdir).costs.get("by_size", {}).get(str(loaded.image_size), {}).get("validation")
     if not measured or not workdir.split_csv.is_file():
         return 0.0
-    validation = int((pd.read_csv(workdir.split_csv).fold == "val").sum())
-    photos = len(read_test(workdir)) + (validation if validation_too else 0)
-    return measured / max(validation, 1) * max(tta, 1) * photos
+    held_out = int((pd.read_csv(workdir.split_csv).fold == "val").sum())
+    photos = (len(read_test(workdir)) if test else 0) + (held_out if validation else 0)
+    return measured / max(held_out, 1) * max(tta, 1) * photos
+
+
+def fits_budget(budget: Budget, seconds: float, what: str, again: str) -> bool:
+    """Whether `what` fits in what is left of --time-budget; if not, says so and how to do it later."""
+    if not budget.limited or seconds <= budget.left():
+        return True
+    print(f"{what} was not started: by the stages' timings it takes about {seconds / 60:.1f} min, and "
+          f"{max(budget.left(), 0) / 60:.1f} min of the --time-budget are left. {again}")
+    return False
 
 
 def check_classes(workdir: Workdir, loaded: LoadedModel) -> None:
@@ -338,6 +354,13 @@ def add_model_options(parser: argparse.ArgumentParser, serving: bool = False, pr
     add_cache_dir(parser)
 
 
+def add_time_budget(parser: argparse.ArgumentParser) -> None:
+    """--time-budget for the commands after training: not started (exit 3) when it would not fit."""
+    parser.add_argument("--time-budget", type=float, metavar="MINUTES",
+                        help="do nothing (exit 3) unless the work fits before this many minutes have passed since "
+                             "the session started ($KIT_SESSION_START) or this command did")
+
+
 def model_from_args(args: argparse.Namespace) -> tuple[Workdir, LoadedModel]:
     workdir = Workdir.resolve(args.workdir, PROFILES[args.profile], args.cache_dir)
     if args.tta < 0:
@@ -369,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--views-per-batch", type=int, default=VIEWS_PER_BATCH, metavar="N",
                         help=f"model inputs per forward pass (default {VIEWS_PER_BATCH}); a GPU goes faster with more "
                              "(TTA 10 at 448 px on an H100: 120 is 1.16x 30, see the README)")
+    add_time_budget(parser)
     return parser
 
 
@@ -378,6 +402,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise KitError("--out goes with --folder; the test set's files are always written to <workdir>/submissions.")
     workdir, loaded = model_from_args(args)
     print(f"Model: {loaded.describe()}")
+    needed = 0.0 if args.folder else expected_seconds(workdir, loaded, args.tta, validation=args.validation)
+    if not fits_budget(Budget.minutes(args.time_budget), needed, "Prediction", "Run it again in a new session."):
+        return EXIT_STOPPED
     workers, batch_views = max(1, args.workers), max(1, args.views_per_batch)
     if args.folder:
         written = args.out or workdir.submissions / PREDICTIONS

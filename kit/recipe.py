@@ -88,6 +88,18 @@ def current_learning_rate(model: keras.Model) -> float:
     return float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
 
 
+def learning_rate_at(optimizer: keras.optimizers.Optimizer, step: int, plain: float) -> float:
+    """The rate of the stage's step `step`: its schedule's value there, or `plain` (the plateau rule's rate).
+
+    Computed from the step, not read from the optimizer: under JAX its step counter is brought up to date
+    only when kit.train_step syncs, at checkpoints and epoch ends.
+    """
+    schedule = getattr(optimizer, "inner_optimizer", optimizer)._learning_rate  # under a float16 loss scale
+    if isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):
+        return float(keras.ops.convert_to_numpy(schedule(step)))
+    return plain
+
+
 class BatchMixer:
     """One-hot targets, and MixUp or CutMix of the batch where the options ask (Keras' layers).
 
@@ -129,7 +141,11 @@ def averaged_weights(model: keras.Model) -> Iterator[None]:
         yield
         return
     raw = [keras.ops.convert_to_numpy(v) for v in model.trainable_variables]
-    optimizer.finalize_variable_values(model.trainable_variables)
+    # Copies, not Keras' finalize_variable_values: that assigns each average's own array to its model variable,
+    # and under JAX predict_on_batch donates the model's arrays, which would delete the averages with them.
+    for variable, average in zip(model.trainable_variables, optimizer._model_variables_moving_average):
+        if average is not None:
+            variable.assign(keras.ops.convert_to_numpy(average))
     try:
         yield
     finally:

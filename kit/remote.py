@@ -5,9 +5,11 @@
     python -m kit.remote pull                  # its output (the run: weights, submissions, logs) into --workdir
     python -m kit.remote continue --watch      # the next version, with this one's output attached: it resumes
 
-Each version trains until --time-budget (690 of Kaggle's 720 minutes), stops with a checkpoint and ends
-cleanly; `continue` pushes the next version with the kernel's own output attached as a source, where
-the notebook finds the run and resumes it at the next batch. What was pushed is kept in
+Each version trains until --time-budget (by default the session limit of its accelerator less 30 minutes:
+690 of a GPU session's 720, 510 of a TPU session's 540), stops with a checkpoint and ends cleanly, its
+report and prediction started only if they end 10 minutes before the limit; `continue` pushes the next
+version with the kernel's own output attached as a source, where the notebook finds the run and
+resumes it at the next batch. What was pushed is kept in
 <workdir>/remote/kernel.json, so the later commands need no arguments.
 
 Exit codes as every command's: 0 done (status: the version completed; pull: every stage is done and the
@@ -31,16 +33,19 @@ from typing import Sequence
 from urllib.parse import urlsplit
 
 from kit.cli import EXIT_DONE, EXIT_FAILED, EXIT_STOPPED, KitError, add_workdir, main_guard, workdir_lock
-from kit.config import COMPETITION, PROFILES, Workdir
+from kit.config import COMPETITION, KAGGLE_SESSION_MINUTES, PROFILES, Workdir
 from kit.files import atomic_path, write_text
-from kit.kaggle_api import KaggleClient, kaggle_api, kaggle_errors, username
-from kit.manifest import Manifest, status_table
-from kit.notebook import kaggle_cells, notebook
+from kit.kaggle_api import KaggleClient, kaggle_api, kaggle_errors, slugify, username
+from kit.manifest import Manifest, is_compiled, status_table
+from kit.notebook import HARDWARE, kaggle_budgets, kaggle_cells, notebook
 
 RECORD = Path("remote") / "kernel.json"
 KIT_SOURCE = Path(__file__).resolve().parents[1]  # the kit's checkout, when it is one: its repository and commit
 ACCELERATORS = ("gpu", "tpu", "none")
 WAITING = ("QUEUED", "RUNNING", "NEW_SCRIPT")
+OUTPUT_LISTING_LIMIT = 500  # files of a version's output that Kaggle lists, pages included
+CUT_LISTING_ADVICE = ("Download the output from the version's page (Output > Download), unpack its car-kit folder "
+                      "over this work directory, and pull again; the kit's own versions keep far fewer files.")
 SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD", re.IGNORECASE)
 
 
@@ -54,7 +59,7 @@ class Kernel:
     data: str  # a competition's name, or a dataset's OWNER/SLUG
     accelerator: str = "gpu"
     machine: str | None = None  # Kaggle's machine shape (e.g. NvidiaTeslaT4), overriding the accelerator's default
-    time_budget: str = "690"
+    time_budget: str = "690"  # minutes (the record keeps what was pushed; new ones from the accelerator's limit)
     profile: str = "colab"
     stage_args: list[str] = field(default_factory=list)
     private: bool = True
@@ -129,7 +134,8 @@ def write_folder(kernel: Kernel, folder: Path, continuing: bool) -> Path:
     """The folder `kaggle kernels push` takes: the kit's Kaggle notebook, filled in, and its metadata."""
     cells = kaggle_cells(repo=kernel.repo, commit=kernel.commit, data=kernel.data.rsplit("/", 1)[-1],
                          accelerator=kernel.accelerator, time_budget=kernel.time_budget,
-                         stage_args=tuple(kernel.stage_args), profile=kernel.profile, remote=True)
+                         stage_args=tuple(kernel.stage_args), profile=kernel.profile, remote=True,
+                         machine=kernel.machine)
     shutil.rmtree(folder, ignore_errors=True)
     write_text(folder / f"{kernel.slug}.ipynb",
                notebook(kernel.slug, cells, accelerator={"gpu": "GPU", "tpu": "TPU"}.get(kernel.accelerator, "None")))
@@ -191,6 +197,10 @@ def push(api: KaggleClient, workdir: Workdir, kernel: Kernel, continuing: bool, 
     if invalid:
         raise KitError(f"Kaggle saved the notebook but could not attach {', '.join(invalid)}: join the competition "
                        "(accept its rules) or check the dataset's name, then push again.")
+    named = (response.ref or "").removeprefix("/code/").strip("/")
+    if named and named != kernel.kernel:  # Kaggle keeps the kernel under the name it made, not the one asked for
+        print(f"note: Kaggle named the kernel {named} (asked: {kernel.kernel}); the kit follows Kaggle's name.")
+        kernel.kernel = named
     kernel.versions.append(int(response.version_number or len(kernel.versions) + 1))
     write_kernel(workdir, kernel)
     print(f"Pushed {kernel.kernel} version {kernel.versions[-1]} ({kernel.accelerator}, the kit at "
@@ -246,11 +256,40 @@ def mirror(output: Path, listed: list[str], workdir: Workdir) -> int:
     if not source.is_dir():
         raise KitError(f"The version's output holds no car-kit folder (in {output}): it stopped before the kit "
                        "started. Its log is in that folder.")
-    files = sorted((p for p in source.rglob("*") if p.is_file()), key=lambda p: (p.name == "state.json", str(p)))
+    files = sorted((p for p in source.rglob("*") if p.is_file() and not is_compiled(_run_relative(p, source))),
+                   key=lambda p: (p.name == "state.json", str(p)))
     for path in files:
         with atomic_path(workdir.root / path.relative_to(source)) as tmp:
             shutil.copyfile(path, tmp)
     return len(files)
+
+
+def _run_relative(path: Path, source: Path) -> Path:
+    """The path inside its run (weights/..., submissions/...), a profile's sub-folder (smoke/) left out."""
+    relative = path.relative_to(source)
+    subdirs = {profile.subdir for profile in PROFILES.values() if profile.subdir}
+    return Path(*relative.parts[1:]) if relative.parts[0] in subdirs else relative
+
+
+def check_whole(manifest: Manifest, listed: int, root: Path) -> None:
+    """Every file the pulled record names arrived: a listing cut short (Kaggle lists at most 500 files of an
+    output, and clients before kaggle 2.2.2 read its first page only) would leave a record without its weights."""
+    missing = [path for path in manifest.named_files() if not path.is_file()]
+    if missing:
+        raise KitError(f"The pulled output lacks {len(missing)} of the files its record names (e.g. "
+                       f"{missing[0].relative_to(root)}); Kaggle listed {listed} files, and lists at "
+                       f"most {OUTPUT_LISTING_LIMIT}. {CUT_LISTING_ADVICE}")
+
+
+def hardware_line(workdir: Workdir) -> str:
+    """What the newest pulled session ran on, from the run's hardware.json ('' before any pull)."""
+    try:
+        session = json.loads((workdir.root / HARDWARE).read_text())[-1]
+    except (OSError, ValueError, IndexError, KeyError):
+        return ""
+    got = ", ".join(session.get("gpus") or []) or ("a TPU" if session.get("tpu") else "no accelerator")
+    return (f"The last session pulled ran on {got}" + (f": {session['mismatch']}." if session.get("mismatch")
+                                                         else ", as asked."))
 
 
 def pull(api: KaggleClient, workdir: Workdir, kernel: Kernel) -> int:
@@ -271,13 +310,19 @@ def pull(api: KaggleClient, workdir: Workdir, kernel: Kernel) -> int:
     write_kernel(workdir, kernel)
     print(f"Pulled version {kernel.pulled} of {kernel.kernel}: {len(files)} files, {copied} of them the run's, "
           f"into {workdir.root}.")
+    if line := hardware_line(workdir):
+        print(line)
     profile = kernel.profile
     run = Workdir.resolve(workdir.root, PROFILES[profile])
+    if not run.manifest.is_file() and len(files) >= OUTPUT_LISTING_LIMIT:
+        raise KitError(f"Kaggle listed {OUTPUT_LISTING_LIMIT} files of the output, its limit, and the run's record "
+                       f"({run.manifest.relative_to(workdir.root)}) was not among them. {CUT_LISTING_ADVICE}")
     if not run.manifest.is_file():
         raise KitError(f"The output holds no run of the {profile} profile ({run.manifest} is missing): it stopped "
                        f"before training. Its log: {output / (kernel.slug + '.log')}.")
     stages = PROFILES[profile].stages
     manifest = Manifest.read(run)
+    check_whole(manifest, len(files), workdir.root)
     print(status_table(manifest, stages))
     left = [stage.step for stage in stages if manifest.status(stage.step) != "done"]
     if left:
@@ -315,8 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--accelerator", choices=ACCELERATORS, default="gpu",
                         help="gpu (default), tpu (trains under JAX), none (push)")
     parser.add_argument("--machine", help="Kaggle's machine shape, e.g. NvidiaTeslaT4 (push; default: Kaggle's)")
-    parser.add_argument("--time-budget", default="690", help="minutes each version trains before it stops with a "
-                                                             "checkpoint (push; default 690 of Kaggle's 720)")
+    parser.add_argument("--time-budget", help="minutes each version trains before it stops with a checkpoint (push; "
+                                              "default: the accelerator's session limit less 30, e.g. 690 of a GPU "
+                                              "session's 720, 510 of a TPU session's 540)")
     parser.add_argument("--public", action="store_true", help="make the notebook public (push; default private)")
     parser.add_argument("--watch", action="store_true", help="poll the status until the version ends")
     parser.add_argument("--interval", type=float, default=60.0, help="seconds between polls (default 60)")
@@ -328,9 +374,11 @@ def build_parser() -> argparse.ArgumentParser:
 def new_kernel(args: argparse.Namespace, api: KaggleClient) -> Kernel:
     user = username(api)
     name = args.kernel or (f"{user}/car-kit" if user else "")
-    if not re.fullmatch(r"[\w-]+/[a-z0-9][a-z0-9-]{4,49}", name or ""):
+    slug = name.split("/", 1)[-1]
+    if not re.fullmatch(r"[\w-]+/[a-z0-9][a-z0-9-]{4,49}", name or "") or slugify(slug) != slug:
         raise KitError(f"--kernel {name!r} should be OWNER/SLUG: your Kaggle user name and 5-50 lower-case letters, "
-                       "digits or dashes (e.g. --kernel carfan/car-kit-b6).")
+                       "digits or single dashes, neither first nor last, as Kaggle names kernels (it would make "
+                       f"{slugify(slug)!r} of {slug!r}; e.g. --kernel carfan/car-kit-b6).")
     origin, head = kit_checkout()
     repo, commit = https_url(args.repo or origin), args.commit or head
     if not repo or not commit:
@@ -343,8 +391,27 @@ def new_kernel(args: argparse.Namespace, api: KaggleClient) -> Kernel:
     if args.accelerator == "tpu" and "--backbone" not in extra:
         extra = ["--backbone", "keras-efficientnetb6", *extra]  # the TPU trains under JAX: the Keras B6
     return Kernel(kernel=name, repo=repo, commit=commit, data=args.dataset or COMPETITION,
-                  accelerator=args.accelerator, machine=args.machine, time_budget=args.time_budget,
-                  profile=args.profile, stage_args=extra, private=not args.public)
+                  accelerator=args.accelerator, machine=args.machine,
+                  time_budget=time_budget(args.time_budget, args.accelerator), profile=args.profile,
+                  stage_args=extra, private=not args.public)
+
+
+def time_budget(given: str | None, accelerator: str) -> str:
+    """The training budget of each version: the accelerator's default, or the one given, with a warning when it
+    would run into the session's limit (Kaggle would end the session before the clean stop)."""
+    training, after = kaggle_budgets(accelerator)
+    if given is None:
+        return f"{training:g}"
+    try:
+        minutes = float(given)
+    except ValueError:
+        raise KitError(f"--time-budget {given!r} is not a number of minutes (e.g. {training:g}).") from None
+    if minutes > after:
+        print(f"warning: --time-budget {given} runs into Kaggle's {KAGGLE_SESSION_MINUTES[accelerator]}-minute limit "
+              f"for {accelerator} sessions: the session may be cut off before training stops cleanly, and a "
+              f"continued version then finds an ERROR. {training:g} leaves time for the checkpoint and the output.",
+              file=sys.stderr)
+    return given
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -375,6 +442,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"'{workdir.command('kit.remote', 'status', '--watch')}' follows it.")
         return EXIT_DONE
     status, failure = watch(api, kernel, args.interval, follow=args.watch)
+    if args.action == "status" and (line := hardware_line(workdir)):
+        print(line)
     return exit_code(status, failure, kernel, workdir)
 
 

@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from kit.cam import explain, overlay
-from kit.cli import KitError, add_workdir, main_guard
+from kit.cli import EXIT_DONE, EXIT_STOPPED, KitError, add_workdir, main_guard
 from kit.config import FINAL_FIT_STEP, STEPS, Workdir
 from kit.dataset import load_resized, read_description, read_test, scan_folder
 from kit.files import write_text
@@ -28,9 +28,10 @@ from kit.inference import Predictor, score
 from kit.manifest import read_log
 from kit.pipeline import DEFAULT_WORKERS, Uncached, cache_short_side, open_cache
 from kit.plots import plot_confusion, plot_curves, plot_gallery
-from kit.predict import (VALIDATION_PROBABILITIES, LoadedModel, add_model_options, check_classes,
-                         labelled_probability_table, model_from_args, validation_probabilities,
-                         validation_set)
+from kit.predict import (VALIDATION_PROBABILITIES, LoadedModel, add_model_options, add_time_budget, check_classes,
+                         expected_seconds, fits_budget, labelled_probability_table, model_from_args,
+                         validation_probabilities, validation_set)
+from kit.records import Budget
 
 TOP_LOSSES = 16  # photos in the gallery: a 4x4 grid
 GALLERY_SIDE = 192  # the gallery shows the photo itself (shorter side in pixels), not the model's crop
@@ -204,14 +205,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_workdir(parser)
     add_model_options(parser)
     parser.add_argument("--test-dir", type=Path, help="also evaluate on this labelled folder: DIR/<class>/<photos>")
+    add_time_budget(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     workdir, loaded = model_from_args(args)
+    needed = expected_seconds(workdir, loaded, args.tta, test=read_description(workdir).test_labelled)
+    if not fits_budget(Budget.minutes(args.time_budget), needed, "The report", "Run it again in a new session."):
+        return EXIT_STOPPED
     write_report(workdir, loaded, args.tta, args.seed, test_dir=args.test_dir)
-    return 0
+    return EXIT_DONE
 
 
 main = main_guard(main)

@@ -6,6 +6,7 @@
     python -m kit.stage --status             # what is done, interrupted, or not started
     python -m kit.stage --copy-run-from DIR  # continue a run saved elsewhere (a Kaggle version's output)
     python -m kit.stage --final-fit          # the last stage again on training + validation images
+    python -m kit.stage --rebuild-record     # weights/state.json lost or damaged: rebuilt from the stage folders
 
 Training options beyond the 2021 recipe (each off unless given, or unless --profile modern):
 --label-smoothing, --ema, --schedule cosine --warmup-epochs, --mixup, --cutmix, --weight-decay, --bn.
@@ -29,8 +30,7 @@ from typing import Sequence
 from kit.cli import EXIT_DONE, EXIT_STOPPED, KitError, add_cache_dir, add_workdir, main_guard, workdir_lock
 from kit.config import BATCHNORM, FINAL_FIT_STEP, PROFILES, SCHEDULES, STEPS, Profile, TrainingOptions, Workdir
 from kit.dataset import parse_fold, read_description, read_pseudo_labels
-from kit.devices import (ALL, choose_count, device_names, keep_gpu_autotuning, request_cpu_devices,
-                         request_determinism)
+from kit.devices import ALL, choose_count, device_names, keep_gpu_autotuning, request_cpu_devices, request_determinism
 from kit.files import sha256, write_bytes
 from kit.manifest import Manifest, copy_run, read_log, status_table
 from kit.pipeline import DEFAULT_WORKERS
@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--status", action="store_true", help="show the stages' state")
     what.add_argument("--copy-run-from", type=Path, metavar="DIR",
                       help="copy the run (weights/) of the work directory DIR, read-only, into this one")
+    what.add_argument("--rebuild-record", action="store_true",
+                      help="write weights/state.json again from the stage folders (their best weights and "
+                           "checkpoints), when it was lost or damaged")
     what.add_argument("--final-fit", action="store_true",
                       help=f"after the last stage: train it again from the weights it started from on training + "
                            f"validation images, for its best epoch count (stage {FINAL_FIT_STEP}; no held-out score)")
@@ -263,6 +266,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.status:  # the manifest alone: no framework is loaded
         print(f"{profile.name} profile in {workdir}")
         print(status_table(Manifest.read(workdir), profile.stages))
+        return EXIT_DONE
+    if args.rebuild_record:
+        with workdir_lock(workdir, "record rebuild"):
+            if workdir.manifest.is_file():
+                workdir.manifest.replace(workdir.manifest.with_name("state.json.damaged"))  # kept, never lost
+            manifest = Manifest.rebuilt(workdir)
+        print(f"Rebuilt {workdir.manifest} from the stage folders (the old file, if any, is state.json.damaged):")
+        print(status_table(manifest, profile.stages))
         return EXIT_DONE
     if args.copy_run_from:
         with workdir_lock(workdir, "run copy"):

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from kit.cli import KitError
 from kit.config import COMPETITION, COMPETITION_CLASSES, Workdir
 from kit.dataset import Description, describe, mark_unverified
-from kit.files import write_text
+from kit.files import named, write_text
 
 TEST_LABELS = "test_labels.csv"  # the answers for a synthetic test set; the real one has none
 
@@ -76,7 +76,10 @@ def write_synthetic(workdir: Workdir, per_class: int = 100, test: int = 50, seed
         # Written in place, not through atomic_path (two fsyncs a file, half the time of 6,700 small ones): data/
         # is unverified until describe() writes its description last, so a kill mid-file leaves nothing a command
         # would read, and the next download writes every file again.
-        image.save(path, format="JPEG", quality=90)
+        try:
+            image.save(path, format="JPEG", quality=90)
+        except OSError as error:
+            raise named(error, path) from error
     write_text(data / "train.csv", train.to_csv(index=False))
     write_text(data / "sample-submission.csv", pd.DataFrame({"Id": test_ids, "Category": 0}).to_csv(index=False))
     write_text(data / TEST_LABELS, pd.DataFrame({"Id": test_ids, "Category": test_labels}).to_csv(index=False))

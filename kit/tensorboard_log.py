@@ -16,6 +16,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from kit.files import atomic_path
+
 LOG_EVERY = 20  # training steps per point: a B6 epoch at batch 4 is 3,000 steps
 
 
@@ -50,6 +52,28 @@ class EventLog:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+def forget_after(folder: Path, position: int) -> None:
+    """Drop every point past `position` from the run's event files: --restart discards the stages that logged them,
+    and the stage trained again logs those positions anew (TensorBoard would show both, one over the other).
+
+    Event files are append-only records, so each one that holds such points is written again without them
+    (the tensorboard package's own record reader and writer), atomically.
+    """
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto import event_pb2
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        records = list(RawEventFileLoader(str(path)).Load())
+        kept = [r for r in records if not (event := event_pb2.Event.FromString(r)).HasField("summary")
+                or event.step <= position]
+        if len(kept) < len(records):
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                writer = RecordWriter(f)
+                for record in kept:
+                    writer.write(record)
 
 
 class TrainingWindow:

@@ -37,10 +37,10 @@ from kit.devices import Parallel, cache_compilations, choose_precision, describe
 from kit.files import write_text
 from kit.inference import Subset, predict_labelled
 from kit.manifest import BEST, Manifest, best_weights, stage_args, status_table
-from kit.pipeline import Batches, CacheIncomplete, cache_is_complete, open_training_cache
+from kit.pipeline import Batches, CacheIncomplete, cache_is_complete, labelled_paths, open_training_cache
 from kit.plots import plot_curves
 from kit.records import Execution, RunConfig, StagePlan
-from kit.tensorboard_log import LOG_EVERY, EventLog, TrainingWindow
+from kit.tensorboard_log import LOG_EVERY, EventLog, TrainingWindow, forget_after
 from kit.train_step import TrainStep
 
 SAVE_INTERVAL_S = 600  # a checkpoint about every 10 minutes of training unless --save-every says otherwise
@@ -165,7 +165,7 @@ class Timer:
         self.mark = now
 
 
-def start_cost(workdir: Workdir, stage: Stage, costs: dict, images: int, execution: Execution) -> float:
+def start_cost(workdir: Workdir, stage: Stage, costs: dict, split: Split, execution: Execution) -> float:
     """Seconds stage `stage` needs, by what earlier sessions measured, to set up and save its first checkpoint.
 
     0 for what was never measured: the first stage of a run always starts.
@@ -177,7 +177,8 @@ def start_cost(workdir: Workdir, stage: Stage, costs: dict, images: int, executi
         ratio = (stage.image_size / int(size)) ** 2
         known = {k: v * ratio for k, v in by_size[size].items()}
     known = known or {}
-    cached = cache_is_complete(workdir.cache, "train", stage.image_size)
+    images = len(split.train) + len(split.val)
+    cached = cache_is_complete(workdir.cache, "train", labelled_paths(split), stage.image_size)
     cache = 0.0 if cached else images * costs.get("cache_image_s", 0)
     step = known.get("step_per_image", 0.0) * stage.batch_size
     steps_per_epoch = stage.steps_per_epoch or images // stage.batch_size
@@ -375,7 +376,7 @@ def prepare_data(workdir: Workdir, plan: StagePlan, config: RunConfig, execution
     split = run_split(workdir, config)
     images = len(split.train) + len(split.val)
     started = time.time()
-    was_complete = cache_is_complete(workdir.cache, "train", stage.image_size)
+    was_complete = cache_is_complete(workdir.cache, "train", labelled_paths(split), stage.image_size)
     test_paths = list(read_test(workdir).path) if config.pseudo_labels else []
     cache, positions = open_training_cache(workdir.cache, split, stage.image_size, execution.workers,
                                            deadline=execution.budget.deadline, test_paths=test_paths)
@@ -494,6 +495,9 @@ def train_epoch(model: keras.Model, step: TrainStep, data: StageData, state: Loo
     last_finished = None  # when the newest step's figures arrived: steps are timed finish to finish
     window = TrainingWindow()
 
+    def rate() -> float:  # the step's own rate: a cosine schedule's changes within the epoch (its warm-up) too
+        return recipe.learning_rate_at(model.optimizer, state.epoch * len(data.train) + state.step, state.lr)
+
     def take(figures: list) -> None:
         nonlocal setup_started, last_finished
         if not figures:
@@ -510,7 +514,7 @@ def train_epoch(model: keras.Model, step: TrainStep, data: StageData, state: Loo
             state.add_step(loss, accuracy, images)
             window.add(loss, accuracy, images, seconds)
             if window.steps == LOG_EVERY:
-                window.emit(events, state.images_seen, state.lr)
+                window.emit(events, state.images_seen, rate())
 
     try:
         for x, y in data.train.epoch(state.epoch, start=state.step):
@@ -525,12 +529,12 @@ def train_epoch(model: keras.Model, step: TrainStep, data: StageData, state: Loo
                                 acc=f"{state.sums['correct'] / state.sums['seen']:.3f}", refresh=False)
             if timer.save_due(execution.save_every, state.step) and state.step < len(data.train):
                 take(step.sync())
-                window.emit(events, state.images_seen, state.lr)
+                window.emit(events, state.images_seen, rate())
                 save_checkpoint(manifest, model, state, timer, events)
                 last_finished = None  # the save is no step's time
     finally:
         take(step.sync())
-        window.emit(events, state.images_seen, state.lr)
+        window.emit(events, state.images_seen, rate())
         bar.close()
     return True
 
@@ -606,7 +610,7 @@ def _save_best(workdir: Workdir, model: keras.Model, state: LoopState, val_accur
     if val_accuracy > on_disk.get("val_accuracy", -1.0):
         checkpoint.save(path, model, {"val_accuracy": val_accuracy, "epoch": state.epoch + 1,
                                       "stage": state.stage.step, "image_size": state.stage.image_size,
-                                      "config": state.config})
+                                      "config": state.config, "plan": state.plan})
     else:
         state.best_val_accuracy, state.best_epoch = on_disk["val_accuracy"], on_disk["epoch"]
 
@@ -616,7 +620,8 @@ def _save_final(workdir: Workdir, model: keras.Model, state: LoopState, val_accu
     state.best_val_accuracy, state.best_epoch = val_accuracy, state.epoch + 1
     checkpoint.save(best_weights(workdir, state.stage.step), model,
                     {"val_accuracy": val_accuracy, "epoch": state.epoch + 1, "stage": state.stage.step,
-                     "image_size": state.stage.image_size, "config": state.config, "final_fit": True})
+                     "image_size": state.stage.image_size, "config": state.config, "plan": state.plan,
+                     "final_fit": True})
 
 
 def _take_best_on_disk(workdir: Workdir, state: LoopState) -> None:
@@ -683,6 +688,7 @@ def _write_log(folder: Path, step: int, history: list[dict]) -> None:
 def _discard(manifest: Manifest, step: int) -> None:
     """--restart: drop stage `step`'s run and every later stage's (done or interrupted), all trained from it."""
     later = manifest.later_steps(step)
+    forget_after(manifest.workdir.tensorboard, manifest.images_seen_before(step))
     for s in [step, *later]:
         manifest.forget(s)
     if later:
@@ -697,17 +703,16 @@ def run_all(manifest: Manifest, plans: list[StagePlan], config: RunConfig, execu
     started, overrides included. A stage is started only if, by the costs measured so far, its
     set-up and first checkpoint fit in what is left of the budget.
     """
-    images, workdir = None, manifest.workdir
+    split, workdir = None, manifest.workdir
     for plan in plans:
         step = plan.stage.step
         status = manifest.status(step)
         if status == "done":
             continue
         if execution.budget.limited:
-            if images is None:
+            if split is None:
                 split = run_split(workdir, config)
-                images = len(split.train) + len(split.val)
-            needed = start_cost(workdir, plan.stage, manifest.costs, images, execution)
+            needed = start_cost(workdir, plan.stage, manifest.costs, split, execution)
             if needed > execution.budget.left():
                 print(f"Stage {step} was not started: by the costs measured so far it needs about "
                       f"{needed / 60:.1f} min to set up and reach its first checkpoint, and "

@@ -20,6 +20,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from slugify import slugify  # the kaggle package's own dependency: titles become slugs as Kaggle makes them
+
 USER, KEY = "carfan", "0123456789abcdef0123456789abcdef"
 
 
@@ -40,6 +42,7 @@ class Kaggle:
     outputs: dict[str, dict[str, bytes]] = field(default_factory=dict)
     logs: dict[str, str] = field(default_factory=dict)
     unverified: bool = False  # an account without phone verification: no internet, no accelerators
+    listing_limit: int = 500  # files of a kernel's output that ListKernelSessionOutput lists at most
     # Models: CreateModel requests by OWNER/SLUG; each variation's CreateModelInstance request and its versions'
     # files (name -> the uploaded bytes) by OWNER/SLUG/FRAMEWORK/VARIATION.
     models: dict[str, dict] = field(default_factory=dict)
@@ -122,9 +125,13 @@ def serve(kaggle: Kaggle) -> ThreadingHTTPServer:
                 kernel = f"{body['userName']}/{body['kernelSlug']}"
                 if kernel not in kaggle.kernels:
                     return self._error(404, f"Kernel {kernel} not found")
+                # As Kaggle lists an output: in pages (20 files unless asked), and never more than 500 files in all.
+                names = sorted(kaggle.outputs.get(kernel, {}))[:kaggle.listing_limit]
+                start, size = int(body.get("pageToken") or 0), int(body.get("pageSize") or 20)
                 files = [{"fileName": name, "url": f"http://localhost/files/kernels/{kernel.replace('/', '__')}/{name}"}
-                         for name in sorted(kaggle.outputs.get(kernel, {}))]
-                self._json(200, {"files": files, "log": kaggle.logs.get(kernel, "")})
+                         for name in names[start:start + size]]
+                following = str(start + size) if start + size < len(names) else ""
+                self._json(200, {"files": files, "log": kaggle.logs.get(kernel, ""), "nextPageToken": following})
             elif path.endswith("BlobApiService/StartBlobUpload"):
                 token = f"blob{len(kaggle.blobs)}"
                 kaggle.blobs[token] = body["name"]
@@ -143,6 +150,8 @@ def serve(kaggle: Kaggle) -> ThreadingHTTPServer:
             kernel = body.get("slug", "")
             if kernel.split("/")[0] != USER:
                 return self._error(403, "You do not have permission to edit this kernel")
+            if kernel not in kaggle.kernels and body.get("newTitle"):  # a new kernel is named by its title's slug
+                kernel = f"{USER}/{slugify(body['newTitle'])}"
             wants = [what for what in ("enableInternet", "enableGpu", "enableTpu") if body.get(what)]
             if kaggle.unverified and wants:
                 return self._json(200, {"error": "Phone verification is required to use internet and accelerators "

@@ -55,14 +55,16 @@ def test_two_devices_train_the_same_weights_as_one(tmp_path, backend):
 @JAX
 def test_a_stage_on_every_device_of_eight_resumes_exactly_and_moves_to_one(stage_one, tmp_path):
     """On JAX, `--devices all` over 8 devices (a TPU v3-8's cores, simulated on the CPU as XLA's host platform
-    splits it), SIGKILL mid-epoch: resumed on all 8, the same weights as uninterrupted; on 1, a note.
+    splits it), every training option on (the EMA's swap for validation once deleted its averages under JAX),
+    SIGKILL mid-epoch: resumed on all 8, the same weights as uninterrupted; on 1, a note.
 
     (TensorFlow's data parallel shares this loop; its split and reduction are checked by the test above,
     and its single-device exact resume by test_stages.)
     """
-    from test_stages import best_arrays, kill, log_rows, stage_command, start, wait_for
+    from test_stages import EVERY_OPTION, best_arrays, kill, log_rows, stage_command, start, wait_for
 
-    args = ["--profile", "smoke", "--epochs", "1", "--batch-size", "8", "--deterministic", "--devices", "all"]
+    args = ["--profile", "smoke", "--epochs", "1", "--batch-size", "8", "--deterministic", *EVERY_OPTION,
+            "--devices", "all"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), **on("jax"), "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     reference, interrupted, moved = tmp_path / "reference", tmp_path / "interrupted", tmp_path / "moved"
     shutil.copytree(stage_one, reference)  # stage 1 done on TensorFlow, one device

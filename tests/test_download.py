@@ -323,3 +323,35 @@ def test_folds_partition_the_data_stably_and_stratified(tmp_path):
     for wrong in ("3of5", "6/5", "1/1"):
         with pytest.raises(KitError, match="--fold"):
             parse_fold(wrong)
+
+
+def test_files_under_image_names_that_are_not_whole_photos_are_skipped_and_listed(tmp_path, real_photos):
+    """A web page saved as .jpg, an empty file, a photo cut short: skipped, counted by reason, never indexed."""
+    cars = tmp_path / "cars"
+    for name in ("lada", "volga"):
+        for k, source in enumerate(real_photos[:3]):
+            (cars / name).mkdir(parents=True, exist_ok=True)
+            shutil.copy(source, cars / name / f"{k}.jpg")
+    (cars / "lada" / "page.jpg").write_text("<!DOCTYPE html><html><body>Access denied</body></html>")
+    (cars / "lada" / "empty.jpg").touch()
+    (cars / "volga" / "cut.jpg").write_bytes(real_photos[3].read_bytes()[:20000])
+    description = download(Workdir(tmp_path / "work"), from_dir=cars)
+    assert description.class_counts == (3, 3)
+    skipped = {reason: what["examples"] for reason, what in description.skipped.items()}
+    assert skipped["empty files"] == ["lada/empty.jpg"] and skipped["damaged or truncated images"] == ["volga/cut.jpg"]
+    assert [reason for reason in skipped if reason.startswith("files named as images")] and \
+        ["lada/page.jpg"] in skipped.values()
+    index = pd.read_csv(tmp_path / "work" / "data" / "index.csv")
+    assert not index.Id.str.contains("page|empty|cut").any()
+
+
+def test_a_zip_of_nothing_but_empty_photos_is_refused(tmp_path):
+    archive = tmp_path / "cars.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for k in range(60):
+            z.writestr(f"train/{'ab'[k % 2]}/{k}.jpg", b"")
+    result = run_kit("kit.download", "--zip", str(archive), "--workdir", str(tmp_path / "work"))
+    message = " ".join(result.stderr.split())
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "readable photos" in message and "60 empty files" in message
+    assert not is_verified(Workdir(tmp_path / "work"))

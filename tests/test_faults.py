@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -22,6 +23,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, STAGE_ARGS, kit_process, run_command, run_kit
+from kit.config import Workdir
+from kit.manifest import Manifest
 
 SMOKE = ["--profile", "smoke"]
 
@@ -105,8 +108,7 @@ def test_a_damaged_starting_point_is_refused_before_anything_is_discarded(run, c
 
 def test_a_stage_whose_checkpoints_are_all_damaged_is_not_started_over_silently(run):
     from kit.cli import KitError
-    from kit.config import PROFILES, Workdir, stage_of
-    from kit.manifest import Manifest
+    from kit.config import PROFILES, stage_of
     from kit.records import Execution, StagePlan
     from kit.training import check_can_start
 
@@ -175,10 +177,15 @@ def test_a_full_work_directory_keeps_the_checkpoints_intact(run, tmp_path):
                     f.flush()
         refused = stage(full, "--step", "2", "--cache-dir", str(tmp_path / "cache"))
         message = one_paragraph(refused)
-        assert "is full" in message and "intact" in message
+        # The full disk is named, with its own free space: not the current folder's (the repository's disk).
+        assert f"The disk holding {full}/smoke" in message and "(0 MB free)" in message and "intact" in message
         assert weights_files(full) == before
+        predicted = run_kit("kit.predict", "--tta", "1", "--workdir", str(full), *SMOKE, "--cache-dir",
+                            str(tmp_path / "cache"))
+        said = one_paragraph(predicted)
+        assert f"The disk holding {full}/smoke" in said, said
         synthetic = run_kit("kit.download", "--synthetic", "--workdir", str(full / "other"))
-        assert "is full" in one_paragraph(synthetic)
+        assert f"The disk holding {full}/other" in one_paragraph(synthetic)
 
 
 def test_a_read_only_work_directory_is_explained(run, tmp_path, capsys):
@@ -208,6 +215,8 @@ def test_a_read_only_work_directory_is_explained(run, tmp_path, capsys):
     (("weights/split.csv", "name,fold\nx,val\n"), ("kit.report",), "split.csv is damaged"),
     (("weights/stage_1/log.csv", b"\xff\xfe\x00garbled"), ("kit.report",), "log.csv is damaged"),
     (("weights/state.json", "[]"), ("kit.stage", "--status"), "state.json is damaged"),
+    (("weights/state.json", "{}"), ("kit.predict",), "the run's record is damaged, its weights are not"),
+    (("weights/split.csv", "Id,Category,fold\n100155.jpg,0,tr"), ("kit.report",), "its last line is cut short"),
 ])
 def test_a_damaged_file_gets_one_paragraph_with_a_safe_way_out(run, capsys, damage, command, expected):
     """In this process, through each command's own main."""
@@ -224,6 +233,28 @@ def test_a_damaged_file_gets_one_paragraph_with_a_safe_way_out(run, capsys, dama
     assert code == 2 and expected in error and "Traceback" not in error
     assert f"delete {run / 'smoke' / 'weights'}" not in error  # never the advice to throw the run away
     assert weights_files(run) == before
+
+
+def test_a_lost_record_is_rebuilt_from_the_stage_folders(run, capsys):
+    """state.json emptied beside a finished stage: refused with the way out, which gives the stage back as it was."""
+    from kit.predict import main as predict_main
+    from kit.stage import main as stage_main
+
+    weights = run / "smoke" / "weights"
+    before = Manifest.read(Workdir(run / "smoke"))
+    original = before.record(1)
+    (weights / "state.json").write_text("{}")
+    assert predict_main(["--tta", "0", "--workdir", str(run), *SMOKE]) == 2
+    error = " ".join(capsys.readouterr().err.split())
+    assert "--rebuild-record --profile smoke" in error and "Train first" not in error
+    assert stage_main(["--rebuild-record", "--workdir", str(run), *SMOKE]) == 0
+    assert (weights / "state.json.damaged").read_text() == "{}"
+    rebuilt = Manifest.read(Workdir(run / "smoke"))
+    assert rebuilt.status(1) == "done" and rebuilt.status(2) == "not started"
+    record = rebuilt.record(1)
+    assert (record.plan, record.best_val_accuracy, record.best_epoch, record.epochs) == \
+        (original.plan, original.best_val_accuracy, original.best_epoch, original.epochs)
+    assert rebuilt.config == before.config and rebuilt.config is not None
 
 
 def test_a_truncated_split_is_damaged_not_changed_data(run, capsys):
@@ -266,7 +297,31 @@ def test_paths_that_name_the_wrong_kind_of_thing(run, tmp_path, capsys):
     run_kit("kit.predict", "--tta", "0", "--workdir", str(run), *SMOKE)
     (tmp_path / "out").mkdir()
     assert ensemble([str(run / "smoke"), str(run / "smoke"), "--out", str(tmp_path / "out")]) == 2
-    assert "is a folder" in " ".join(capsys.readouterr().err.split())
+    assert f"{tmp_path / 'out'} is a folder" in " ".join(capsys.readouterr().err.split())  # not a temporary file
+
+    probabilities = run / "smoke" / "submissions" / "probabilities.csv"
+    cut = tmp_path / "cut.csv"
+    cut.write_bytes(probabilities.read_bytes()[:-7])  # a copy cut short
+    assert ensemble([str(run / "smoke"), str(cut), "--out", str(tmp_path / "e.csv")]) == 2
+    error = " ".join(capsys.readouterr().err.split())
+    assert "its last line is cut short" in error and "different datasets" not in error
+
+
+def test_files_of_the_wrong_kind_given_as_a_model(run, tmp_path, capsys):
+    from kit.demo import main as demo
+    from kit.predict import main as predict
+
+    assert predict(["--tta", "0", "--workdir", str(run), *SMOKE, "--weights",
+                    str(run / "smoke" / "weights" / "state.json")]) == 2
+    error = " ".join(capsys.readouterr().err.split())
+    assert "not a weights file of the kit" in error and "allow_pickle" not in error
+    damaged = tmp_path / "export" / "model.onnx"
+    damaged.parent.mkdir()
+    damaged.write_bytes(b"\x08\x07\x12\x04kit" + bytes(range(200)))  # a cut, garbled export
+    (damaged.parent / "model.json").write_text(json.dumps({"classes": ["a", "b"], "image_size": 64}))
+    assert demo(["--model", str(damaged)]) == 2
+    error = " ".join(capsys.readouterr().err.split())
+    assert "cannot be loaded by ONNX Runtime" in error and "Traceback" not in error
 
 
 def test_a_sigterm_dropped_inside_a_gc_callback_still_stops_the_command(capsys, monkeypatch):

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import ROOT, SMOKE_BACKEND, demo_process, run_kit
+from conftest import ROOT, SMOKE_BACKEND, demo_process, run_command, run_kit
 from kit.config import COMPETITION_CLASSES, PROFILES, STEPS, Workdir
 from kit.manifest import Manifest
 
@@ -73,3 +74,30 @@ def test_report_and_demo_run_on_jax(smoke_run, real_photos):
         heat = Image.open(client.predict(photo, True, api_name="/explain"))  # Grad-CAM through jax.grad
         width, height = Image.open(real_photos[0]).size
         assert abs(heat.size[0] / heat.size[1] - width / height) < 0.02
+
+
+def test_an_export_killed_midway_is_done_again_from_jax_to_the_keras_models_function(smoke_run, real_photos,
+                                                                                      tmp_path):
+    """SIGKILL while the ONNX file is written leaves its temporary file; the next export, asked for under JAX (which
+    converts under TensorFlow), clears it and writes a file that predicts what the Keras model does."""
+    from test_stages import kill, start, wait_for
+
+    from kit.export import check_views
+    from kit.predict import OnnxModel, load_model, weights_path
+
+    out = tmp_path / "export"
+    command = [sys.executable, "-m", "kit.export", "--workdir", str(smoke_run.parent), "--profile", "smoke",
+               "--format", "onnx", "--out", str(out), "--photos", str(real_photos[0].parent)]
+    first = start(command)
+    wait_for(lambda: any(out.glob(".model.onnx.*")), first)
+    kill(first)
+    assert any(out.glob(".model.onnx.*")) and not (out / "model.onnx").exists()
+
+    again = run_command(command, env=JAX)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "converts under TensorFlow" in again.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.onnx"]
+    loaded = load_model(weights_path(Workdir(smoke_run)))
+    views = check_views(loaded, real_photos)
+    assert np.abs(OnnxModel(out / "model.onnx").predict_on_batch(views) - loaded.model.predict_on_batch(views)).max() \
+        <= 1e-4

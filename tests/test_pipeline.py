@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,11 +17,18 @@ from PIL import Image
 from conftest import ROOT, small_synthetic
 from kit.augment import train_transform
 from kit.dataset import read_train
-from kit.pipeline import Batches, Uncached, open_cache
+from kit.pipeline import Batches, Uncached, cache_folder, open_cache
 
 
 def images_of(workdir):
     return list(read_train(workdir).path)
+
+
+# A process that builds the cache of a dataset's training photos: python -c CACHE_CODE CACHE_ROOT WORKDIR SIZE
+CACHE_CODE = ("import sys; from kit.config import Workdir; from kit.dataset import read_train;"
+              "from kit.pipeline import open_cache;"
+              "open_cache(sys.argv[1], 'train', list(read_train(Workdir(sys.argv[2])).path), int(sys.argv[3]), "
+              "workers=1)")
 
 
 def test_cached_batches_equal_uncached_ones_pixel_for_pixel(tmp_path):
@@ -88,12 +96,9 @@ def test_unreadable_images_are_listed_not_dropped_silently(tmp_path, capsys):
 def test_killed_cache_build_is_finished_by_the_next_run(tmp_path):
     workdir = small_synthetic(tmp_path, per_class=40, size=(640, 480))
     paths = images_of(workdir)
-    code = ("import sys; from kit.config import Workdir; from kit.dataset import read_train;"
-            "from kit.pipeline import open_cache;"
-            "open_cache(sys.argv[1], 'train', list(read_train(Workdir(sys.argv[2])).path), 224, workers=1)")
-    process = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "killed"), str(workdir.root)],
+    process = subprocess.Popen([sys.executable, "-c", CACHE_CODE, str(tmp_path / "killed"), str(workdir.root), "224"],
                                env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.DEVNULL)
-    folder = tmp_path / "killed" / "train-258"
+    folder = cache_folder(tmp_path / "killed", "train", paths, 224)
     end = time.monotonic() + 60
     while not (folder / "pixels.u8").exists() and time.monotonic() < end:
         time.sleep(0.01)
@@ -103,7 +108,8 @@ def test_killed_cache_build_is_finished_by_the_next_run(tmp_path):
     assert '"complete": false' in (folder / "meta.json").read_text()
     finished = open_cache(tmp_path / "killed", "train", paths, 224, progress=False)
     fresh = open_cache(tmp_path / "fresh", "train", paths, 224, progress=False)
-    assert (folder / "pixels.u8").read_bytes() == (tmp_path / "fresh" / "train-258" / "pixels.u8").read_bytes()
+    fresh_folder = cache_folder(tmp_path / "fresh", "train", paths, 224)
+    assert (folder / "pixels.u8").read_bytes() == (fresh_folder / "pixels.u8").read_bytes()
     assert finished.unreadable == fresh.unreadable == {}
 
 
@@ -115,13 +121,10 @@ def test_unreadable_images_are_remembered_across_a_killed_build(tmp_path):
     broken = paths[0]
     with open(broken, "r+b") as f:  # a truncated upload: the header survives, the pixels do not
         f.truncate(200)
-    code = ("import sys; from kit.config import Workdir; from kit.dataset import read_train;"
-            "from kit.pipeline import open_cache;"
-            "open_cache(sys.argv[1], 'train', list(read_train(Workdir(sys.argv[2])).path), 64, workers=1)")
-    process = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "cache"), str(workdir.root)],
+    process = subprocess.Popen([sys.executable, "-c", CACHE_CODE, str(tmp_path / "cache"), str(workdir.root), "64"],
                                env={**os.environ, "PYTHONPATH": str(ROOT), "KIT_FAULT_SLOW_DECODE": "0.3"},
                                stderr=subprocess.DEVNULL)
-    done = tmp_path / "cache" / "train-74" / "done.npy"
+    done = cache_folder(tmp_path / "cache", "train", paths, 64) / "done.npy"
     end = time.monotonic() + 60
     while not (done.exists() and np.load(done)[0]) and time.monotonic() < end:  # saved every 5 s
         time.sleep(0.05)
@@ -149,3 +152,55 @@ def test_every_command_finds_the_cache_by_one_rule(tmp_path, monkeypatch):
     for command in (stage, predict, report, export, demo, run_everything):
         args = command.build_parser().parse_args(["--cache-dir", "elsewhere", *(["--all"] if command is stage else [])])
         assert args.cache_dir == Path("elsewhere"), command.__name__
+
+
+@pytest.mark.slow
+def test_two_processes_building_one_cache_build_it_once_and_whole(tmp_path):
+    """Both see an unfinished cache; the second waits for the first instead of truncating its pixels."""
+    workdir = small_synthetic(tmp_path / "data", per_class=4, size=(96, 72))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "KIT_FAULT_SLOW_DECODE": "0.02"}
+    builders = [subprocess.Popen([sys.executable, "-c", CACHE_CODE, str(tmp_path / "shared"), str(workdir.root), "64"],
+                                 env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    said = [builder.communicate(timeout=120)[0] for builder in builders]
+    assert [builder.returncode for builder in builders] == [0, 0]
+    paths = images_of(workdir)
+    fresh = open_cache(tmp_path / "fresh", "train", paths, 64, progress=False)
+    shared = open_cache(tmp_path / "shared", "train", paths, 64, progress=False)
+    assert shared.unreadable == fresh.unreadable == {}
+    for k in range(len(paths)):
+        np.testing.assert_array_equal(shared[k], fresh[k])
+    assert any("waiting for process" in out for out in said), said  # the builds did overlap
+
+
+@pytest.mark.slow
+def test_runs_on_different_photos_sharing_a_cache_dir_each_train_on_their_own(tmp_path):
+    """Two work directories, two datasets, one --cache-dir (the notebooks' KIT_CACHE_DIR), overlapping builds:
+    each run trains exactly as it does alone."""
+    from conftest import kit_process
+    from kit.config import PROFILES, Workdir
+
+    args = ["--profile", "smoke", "--step", "1", "--epochs", "1", "--batch-size", "8", "--deterministic",
+            "--workers", "2"]
+    runs = {}
+    for seed in (1, 2):
+        root = tmp_path / f"run{seed}"
+        small_synthetic(Workdir.resolve(root, PROFILES["smoke"]).root, per_class=6, test=2, size=(64, 48), seed=seed)
+        for copy in ("together", "alone"):
+            shutil.copytree(root, tmp_path / f"{copy}{seed}")
+        runs[seed] = root
+
+    def stage(root: Path, cache: Path, slow: str) -> subprocess.Popen:
+        command = [sys.executable, "-m", "kit.stage", "--workdir", str(root), "--cache-dir", str(cache), *args]
+        return kit_process(command, env={"KIT_FAULT_SLOW_DECODE": slow}, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT)
+
+    together = [stage(tmp_path / f"together{seed}", tmp_path / "shared-cache", "0.02") for seed in runs]
+    outputs = [process.communicate(timeout=300)[0] for process in together]
+    assert [process.returncode for process in together] == [0, 0], outputs
+    for seed in runs:
+        alone = stage(tmp_path / f"alone{seed}", tmp_path / f"own-cache{seed}", "0")
+        assert alone.wait(timeout=300) == 0, alone.stdout.read()
+        logs = [(Workdir.resolve(tmp_path / f"{copy}{seed}", PROFILES["smoke"]).stage_dir(1) / "log.csv").read_text()
+                for copy in ("together", "alone")]
+        assert logs[0] == logs[1], f"seed {seed}: {logs}"
+    assert len(list((tmp_path / "shared-cache").glob("train-*"))) == 2  # a folder per dataset

