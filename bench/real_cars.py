@@ -18,7 +18,8 @@ With --variants, every variant (NAME=kit.stage flags; "recipe" alone means no fl
 the same seeds (with --folds, the same N folds of the first seed), and a last table compares each
 with the first: mean test accuracy, the difference
 and its standard error over the seeds, and the ensemble of each variant's seeds. Two extra steps
-are variants too: "+final-fit" adds kit.stage --final-fit after the stages, and "+pseudo=P" trains
+are variants too: "+final-fit" adds kit.stage --final-fit after the stages, "+N:--flag=value" overrides
+one stage's row (e.g. "+7:--image-size=320"; the stages then run one by one), and "+pseudo=P" trains
 the recipe, labels the test photos predicted with probability >= P (kit.pseudo), and trains a
 second run with them. With --folds and --variants, each variant's folds are one member of an
 out-of-fold ensemble: kit.ensemble --oof reports each member's cross-validated accuracy, and the
@@ -32,6 +33,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import statistics
@@ -43,7 +45,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from linear_probe import linear_probe
+from linear_probe import linear_probe  # puts the repository on the path, for kit.config
+
+from kit.config import STEPS
 
 ROOT = Path(__file__).resolve().parents[1]
 STANFORD5 = ROOT.parent / "shared" / "real-cars" / "stanford5"
@@ -69,7 +73,13 @@ def one_run(data: Path, folder: Path, seed: int, fold: str, profile: str, train_
         labels = folder / "pseudo_labels.csv"
         kit("kit.pseudo", "--from", str(first["workdir"]), "--threshold", pseudo[0], "--out", str(labels))
         flags += ["--pseudo-labels", str(labels)]
-    kit("kit.stage", "--all", "--seed", str(seed), *(["--fold", fold] if fold else []), *flags, *where)
+    run_flags = ["--seed", str(seed), *(["--fold", fold] if fold else []), *flags, *where]
+    per_stage = stage_flags(extra)
+    if per_stage:  # stage overrides go with --step N, so the stages run one by one
+        for step in STEPS:
+            kit("kit.stage", "--step", str(step), *run_flags, *per_stage.get(step, []))
+    else:
+        kit("kit.stage", "--all", *run_flags)
     if "+final-fit" in extra:
         kit("kit.stage", "--final-fit", *where)
     trained = time.time() - started
@@ -81,6 +91,15 @@ def one_run(data: Path, folder: Path, seed: int, fold: str, profile: str, train_
     return {"run": fold or str(seed), "val": metrics["validation"]["accuracy"]["no TTA"], "test": test["no TTA"],
             "test_tta": test[f"TTA {tta}"], "classes": len(metrics["classes"]), "train_s": trained,
             "workdir": workdir}
+
+
+def stage_flags(extra: list[str]) -> dict[int, list[str]]:
+    """'+N:--flag=value' words as {N: ['--flag=value']}: one stage's override (e.g. +7:--image-size=320)."""
+    flags: dict[int, list[str]] = {}
+    for word in extra:
+        if match := re.fullmatch(r"\+(\d+):(--[\w-]+=\S+)", word):
+            flags.setdefault(int(match.group(1)), []).append(match.group(2))
+    return flags
 
 
 def ensemble_accuracy(workdirs: list[Path], out: Path) -> float:

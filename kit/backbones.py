@@ -263,6 +263,18 @@ def backbone_blocks(base: keras.Model) -> list[list[layers.Layer]]:
     return blocks
 
 
+def block_depths(model: keras.Model) -> list[int]:
+    """Each trainable variable's block counted from the backbone's top (1: its top block), 0 for the head.
+
+    In the order of `model.trainable_variables`, which is the order the optimizer is built in:
+    `--layer-decay` gives each variable the rate lr * D ** depth.
+    """
+    blocks = backbone_blocks(model.get_layer("backbone"))
+    depth = {id(weight): len(blocks) - index for index, block in enumerate(blocks)
+             for layer in block for weight in layer.trainable_weights}
+    return [depth.get(id(variable), 0) for variable in model.trainable_variables]
+
+
 def set_trainable(model: keras.Model, fraction: float, batchnorm: str = "train") -> int:
     """Unfreeze the top `fraction` of the backbone's blocks (whole blocks, rounded up); return how many.
 

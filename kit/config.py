@@ -129,6 +129,8 @@ class TrainingOptions:
     cutmix: float = 0.0  # Keras CutMix's factor (Beta(a, a), a from [0, factor]); 0: off. With MixUp: one per batch
     weight_decay: float = 0.0  # > 0: AdamW with this decoupled weight decay instead of Adam
     bn: str = "train"  # the backbone's BatchNorm once it is wholly unfrozen: "train" (the recipe) or "frozen"
+    layer_decay: float = 0.0  # backbone block k from the top trains at lr * D ** k, the head at lr; 0: off
+    unfreeze_warmup: float = 0.0  # epochs of linear warm-up at each stage that unfreezes more of the backbone
 
     def describe(self) -> str:
         """The options that are on, for a stage's first line ('' for the recipe)."""
@@ -137,7 +139,9 @@ class TrainingOptions:
                  (f"cosine schedule, {self.warmup_epochs:g} warm-up epochs" if self.schedule == "cosine" else ""),
                  f"MixUp {self.mixup:g}" if self.mixup else "", f"CutMix {self.cutmix:g}" if self.cutmix else "",
                  f"AdamW {self.weight_decay:g}" if self.weight_decay else "",
-                 "BatchNorm frozen" if self.bn == "frozen" else ""]
+                 "BatchNorm frozen" if self.bn == "frozen" else "",
+                 f"layer decay {self.layer_decay:g}" if self.layer_decay else "",
+                 f"unfreeze warm-up {self.unfreeze_warmup:g} epochs" if self.unfreeze_warmup else ""]
         return ", ".join(part for part in parts if part)
 
 

@@ -180,6 +180,11 @@ class Manifest:
         """Training images the run saw in the stages before `step`: where stage `step`'s curves start."""
         return max((r.images_seen or 0 for s, r in self.stages.items() if s < step), default=0)
 
+    def trainable_before(self, step: int) -> float:
+        """The share of the backbone the weights stage `step` starts from were trained with (0 before stage 1)."""
+        plan = self.record(step - 1).stage_plan
+        return plan.stage.trainable if plan else 0.0
+
     def named_files(self) -> list[Path]:
         """The files the record says the run holds: each done stage's best weights, an interrupted one's newest
         checkpoint. A copy that lacks one of them is not the whole run."""

@@ -18,6 +18,25 @@ def _save(figure, path: Path) -> None:
         figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
 
 
+def plot_lr_sweep(rates: Sequence[float], losses: Sequence[float], suggestion: float, path: Path, title: str) -> None:
+    """The LR finder's smoothed loss against the rate (log scale), its suggestion marked."""
+    import matplotlib.pyplot as plt
+
+    figure, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(rates, losses)
+    ax.axvline(suggestion, color="tab:red", linestyle="--", label=f"suggestion: {suggestion:.1e}")
+    ax.set_xscale("log")
+    ax.set_ylim(min(losses) * 0.95, max(losses[0], min(losses)) * 1.3)  # the divergence would flatten the rest
+    ax.set_xlabel("learning rate (the head's; lower blocks follow --layer-decay)")
+    ax.set_ylabel("training loss (smoothed)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    figure.tight_layout()
+    _save(figure, path)
+    plt.close(figure)
+
+
 def plot_curves(histories: dict[str, list[dict]], path: Path) -> None:
     """Accuracy and loss, train and validation, one column per stage, side by side."""
     import matplotlib.pyplot as plt

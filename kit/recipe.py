@@ -57,16 +57,57 @@ class WarmEMA:
                 average.assign(m * average + (1 - m) * variable)
 
 
-class Adam(WarmEMA, keras.optimizers.Adam):
+class ScaledRates:
+    """A learning rate per variable, inside the optimizer: layer-wise decay and the unfreeze warm-up.
+
+    Adam divides each gradient by its own running RMS, so scaling gradients would change nothing:
+    the rate itself is scaled, in `update_step`, which every backend calls once per variable (under
+    tf.distribute and inside JAX's stateless apply too). AdamW's decoupled decay moves here as well,
+    at the variable's own rate, as timm's parameter groups have it. The factors follow from the
+    stage's plan and the warm-up from the optimizer's step counter, so there is no new state to save
+    and a resume stays exact. Keras has per-variable rates for none of its optimizers, hence this.
+    """
+
+    _rate_factors: tuple[float, ...] = ()  # aligned with the variables the optimizer was built with; () for all 1
+    _warmup_steps: int = 0
+
+    def scale_rates(self, factors: list[float], warmup_steps: int) -> None:
+        """Set each trainable variable's factor (in the order of `build`) and the warm-up's length in steps."""
+        self._rate_factors, self._warmup_steps = tuple(factors), warmup_steps
+
+    def update_step(self, gradient, variable, learning_rate):
+        rate = keras.ops.cast(learning_rate, variable.dtype) * keras.ops.cast(self.rate_scale(variable),
+                                                                              variable.dtype)
+        if self.weight_decay is not None and self._use_weight_decay(variable):
+            variable.assign(variable - variable * keras.ops.cast(self.weight_decay, variable.dtype) * rate)
+        super().update_step(gradient, variable, rate)
+
+    def _apply_weight_decay(self, variables):
+        """Applied per variable in update_step instead, at its scaled rate."""
+
+    def rate_scale(self, variable):
+        """The variable's factor times the warm-up's min(1, (step + 1) / steps), as a scalar tensor."""
+        factor = self._rate_factors[self._get_variable_index(variable)] if self._rate_factors else 1.0
+        if not self._warmup_steps:
+            return factor
+        step = keras.ops.cast(self.iterations, "float32")
+        return factor * keras.ops.minimum(1.0, (step + 1.0) / float(self._warmup_steps))
+
+
+class Adam(WarmEMA, ScaledRates, keras.optimizers.Adam):
     pass
 
 
-class AdamW(WarmEMA, keras.optimizers.AdamW):
+class AdamW(WarmEMA, ScaledRates, keras.optimizers.AdamW):
     pass
 
 
 def optimizer(stage: Stage, options: TrainingOptions, steps_per_epoch: int) -> keras.optimizers.Optimizer:
-    """Adam as in the recipe, or AdamW with decoupled weight decay; either with a warmed-up EMA of the weights."""
+    """Adam as in the recipe, or AdamW with decoupled weight decay; either with a warmed-up EMA of the weights.
+
+    Per-variable rates (`--layer-decay`, the unfreeze warm-up) are set by `scale_rates` once the
+    optimizer is built on the model's trainable variables.
+    """
     rate = learning_rate(stage, options, steps_per_epoch)
     ema = {"use_ema": True, "ema_momentum": options.ema} if options.ema else {}
     if not options.weight_decay:
@@ -74,6 +115,18 @@ def optimizer(stage: Stage, options: TrainingOptions, steps_per_epoch: int) -> k
     adamw = AdamW(rate, weight_decay=options.weight_decay, name="adamw", **ema)
     adamw.exclude_from_weight_decay(var_names=NO_DECAY)
     return adamw
+
+
+def scale_rates(optimizer: keras.optimizers.Optimizer, depths: list[int], options: TrainingOptions,
+                warmup_steps: int) -> None:
+    """Give the built optimizer its per-variable rates: D ** depth (`depths` from backbones.block_depths)."""
+    factors = [options.layer_decay ** depth for depth in depths] if options.layer_decay else []
+    getattr(optimizer, "inner_optimizer", optimizer).scale_rates(factors, warmup_steps)  # under a loss scale
+
+
+def unfreeze_warmup_steps(options: TrainingOptions, unfreezes: bool, steps_per_epoch: int) -> int:
+    """The warm-up's length in steps: `--unfreeze-warmup` epochs at a stage that unfreezes more, else none."""
+    return round(options.unfreeze_warmup * steps_per_epoch) if unfreezes else 0
 
 
 def loss(options: TrainingOptions) -> keras.losses.Loss:
@@ -89,15 +142,18 @@ def current_learning_rate(model: keras.Model) -> float:
 
 
 def learning_rate_at(optimizer: keras.optimizers.Optimizer, step: int, plain: float) -> float:
-    """The rate of the stage's step `step`: its schedule's value there, or `plain` (the plateau rule's rate).
+    """The head's rate at the stage's step `step`: its schedule's value there, or `plain` (the plateau rule's
+    rate), times the unfreeze warm-up's factor.
 
     Computed from the step, not read from the optimizer: under JAX its step counter is brought up to date
     only when kit.train_step syncs, at checkpoints and epoch ends.
     """
-    schedule = getattr(optimizer, "inner_optimizer", optimizer)._learning_rate  # under a float16 loss scale
+    inner = getattr(optimizer, "inner_optimizer", optimizer)  # under a float16 loss scale
+    schedule = inner._learning_rate
     if isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):
-        return float(keras.ops.convert_to_numpy(schedule(step)))
-    return plain
+        plain = float(keras.ops.convert_to_numpy(schedule(step)))
+    warmup = getattr(inner, "_warmup_steps", 0)
+    return plain * min(1.0, (step + 1) / warmup) if warmup else plain
 
 
 class BatchMixer:

@@ -9,7 +9,8 @@
     python -m kit.stage --rebuild-record     # weights/state.json lost or damaged: rebuilt from the stage folders
 
 Training options beyond the 2021 recipe (each off unless given, or unless --profile modern):
---label-smoothing, --ema, --schedule cosine --warmup-epochs, --mixup, --cutmix, --weight-decay, --bn.
+--label-smoothing, --ema, --schedule cosine --warmup-epochs, --mixup, --cutmix, --weight-decay, --bn,
+--layer-decay, --unfreeze-warmup. --find-lr with --step sweeps the stage's learning rate and plots it.
 --pseudo-labels FILE trains a new run on test photos labelled by kit.pseudo as well.
 
 Checkpoints go to <workdir>/weights/stage_N/ every --save-every steps (default: about every ten
@@ -34,7 +35,7 @@ from kit.devices import ALL, choose_count, device_names, keep_gpu_autotuning, re
 from kit.files import sha256, write_bytes
 from kit.manifest import Manifest, copy_run, read_log, status_table
 from kit.pipeline import DEFAULT_WORKERS
-from kit.records import Budget, Execution, Requested, StagePlan, final_fit_plan, run_config, stage_plan
+from kit.records import Budget, Execution, Requested, RunConfig, StagePlan, final_fit_plan, run_config, stage_plan
 
 STAGE_OVERRIDES = ("image_size", "batch_size", "lr", "epochs", "steps_per_epoch")
 
@@ -76,6 +77,12 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
                          help="the backbone's BatchNorm layers once it is wholly unfrozen: train (the recipe: their "
                               "statistics follow the batches) or frozen (ImageNet's statistics kept, as the Keras "
                               "fine-tuning guide advises for small batches)")
+    options.add_argument("--layer-decay", type=float, metavar="D",
+                         help="layer-wise learning-rate decay: backbone block k from the top trains at lr x D^k, "
+                              "the head at lr (timm's --layer-decay; e.g. 0.8; 0: off)")
+    options.add_argument("--unfreeze-warmup", type=float, metavar="E",
+                         help="a linear warm-up of the rate over the first E epochs of each stage that unfreezes "
+                              "more of the backbone (e.g. 0.5)")
     how = parser.add_argument_group("how it runs (may change between sessions)")
     how.add_argument("--time-budget", type=float, metavar="MINUTES",
                      help="stop cleanly with a checkpoint before this many minutes have passed since the session "
@@ -116,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--final-fit", action="store_true",
                       help=f"after the last stage: train it again from the weights it started from on training + "
                            f"validation images, for its best epoch count (stage {FINAL_FIT_STEP}; no held-out score)")
+    parser.add_argument("--find-lr", action="store_true",
+                        help="with --step N: sweep the learning rate over about 100 batches from the stage's starting "
+                             "weights and plot the loss (submissions/lr_find_stage_N.png) with a suggested rate; "
+                             "the run is left as it was")
     again = parser.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue the stage's interrupted run at its next batch")
     again.add_argument("--restart", action="store_true",
@@ -169,7 +180,7 @@ def training_options(args: argparse.Namespace) -> dict:
     for name, value in given.items():
         if isinstance(value, str):  # --schedule, --bn: argparse checked the choice
             continue
-        low, high = (0.0, 1.0) if name in ("label_smoothing", "ema") else (0.0, float("inf"))
+        low, high = (0.0, 1.0) if name in ("label_smoothing", "ema", "layer_decay") else (0.0, float("inf"))
         if not low <= value < high:
             raise KitError(f"--{name.replace('_', '-')} {value:g} is out of range: it takes a number from {low:g}"
                            f"{f' up to (not including) {high:g}' if high < float('inf') else ' up'}.")
@@ -225,10 +236,25 @@ def train(workdir: Workdir, profile: Profile, args: argparse.Namespace) -> str:
             if given:
                 raise KitError(f"{', '.join(given)} change one stage's row: use them with --step N, not --all.")
             return training.run_all(manifest, plans_for_all(manifest, profile, requested), config, execution)
+        if getattr(args, "find_lr", False):
+            return find_lr(manifest, stage_plan(None, profile, args.step, requested, workdir), config, execution)
         continue_as_asked(manifest, args.step, execution)
         saved = None if execution.restart else manifest.saved_plan(args.step)
         plan = stage_plan(saved, profile, args.step, requested, workdir)
         return training.run_stage(manifest, plan, config, execution)
+
+
+def find_lr(manifest: Manifest, plan: StagePlan, config: RunConfig, execution: Execution) -> str:
+    """The LR finder on the stage as it would start now (kit.lr_finder); the run is left as it was."""
+    from kit import lr_finder  # late, as training
+
+    sweep = lr_finder.find_lr(manifest, plan, config, execution)
+    step = plan.stage.step
+    print(f"Stage {step}: the loss fell fastest around lr {sweep.suggestion:.1e} (fastai's valley; the stage's "
+          f"table has {plan.stage.lr:.1e}). The curve: {lr_finder.plot_path(manifest.workdir, step)}. To train "
+          f"with it: '{manifest.workdir.command('kit.stage', '--step', str(step), '--lr', f'{sweep.suggestion:.1e}')}'"
+          f"{' (with --restart: the stage has begun)' if manifest.status(step) != 'not started' else ''}.")
+    return "done"
 
 
 def continue_as_asked(manifest: Manifest, step: int, execution: Execution) -> None:
@@ -280,6 +306,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             copy_run(Workdir.resolve(args.copy_run_from, profile), workdir)
         print(status_table(Manifest.read(workdir), profile.stages))
         return EXIT_DONE
+    if args.find_lr and args.step is None:
+        raise KitError("--find-lr sweeps one stage's rate: give it with --step N.")
     prepare_devices(args, workdir)
     return EXIT_DONE if train(workdir, profile, args) == "done" else EXIT_STOPPED
 

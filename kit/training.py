@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from kit import checkpoint, recipe
 from kit.augment import train_transform
-from kit.backbones import build_model, set_trainable
+from kit.backbones import block_depths, build_model, set_trainable
 from kit.cli import KitError
 from kit.config import FINAL_FIT_STEP, Stage, Workdir
 from kit.dataset import Split, class_weights, drop_unreadable, load_split, read_test
@@ -256,7 +256,8 @@ def run_stage(manifest: Manifest, plan: StagePlan, config: RunConfig, execution:
             why = "a stop request" if stop_requests.requested else "the time budget (the model's set-up would not fit)"
             return _stopped(manifest, stage.step, why)
         setup_started = time.monotonic()
-        model, state, parallel = prepare_model(workdir, plan, config, execution, previous, data)
+        model, state, parallel = prepare_model(workdir, plan, config, execution, previous, data,
+                                               unfreezes(manifest, plan))
         if not previous:
             state.images_seen = manifest.images_seen_before(stage.step)
         step, events = TrainStep(model, parallel), EventLog(workdir.tensorboard)
@@ -400,8 +401,14 @@ def prepare_data(workdir: Workdir, plan: StagePlan, config: RunConfig, execution
     return StageData(train_batches, val_set, weights, mix, len(train), len(val))
 
 
+def unfreezes(manifest: Manifest, plan: StagePlan) -> bool:
+    """Does the stage train more of the backbone than the weights it starts from were? (Its warm-up's cue.)"""
+    start = plan.final_fit.replays if plan.final_fit else plan.stage.step
+    return plan.stage.trainable > manifest.trainable_before(start)
+
+
 def prepare_model(workdir: Workdir, plan: StagePlan, config: RunConfig, execution: Execution, previous,
-                  data: StageData) -> tuple[keras.Model, LoopState, Parallel]:
+                  data: StageData, unfreezes: bool) -> tuple[keras.Model, LoopState, Parallel]:
     """The model at this stage's size, unfrozen as its row says, with the checkpoint's or the last stage's weights.
 
     Built on the devices the run was given; the batch is split across them, so what the stage
@@ -427,6 +434,8 @@ def prepare_model(workdir: Workdir, plan: StagePlan, config: RunConfig, executio
                       loss=recipe.loss(plan.options), metrics=["categorical_accuracy"],
                       jit_compile=jit_compile(execution.jit))
         model.optimizer.build(model.trainable_variables)
+        recipe.scale_rates(model.optimizer, block_depths(model), plan.options,
+                           recipe.unfreeze_warmup_steps(plan.options, unfreezes, len(data.train)))
         parallel.build_compiled(model, len(config.classes))
     runtime = {"precision": precision, "device": describe_device(), "jit": bool(model.jit_compile),
                "devices": parallel.count, "backend": keras.backend.backend()}

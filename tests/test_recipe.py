@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from kit import recipe
+from kit.backbones import backbone_blocks, block_depths, build_model, set_trainable
 from kit.cli import KitError
 from kit.config import PROFILES, TrainingOptions, Workdir, stage_of
 from kit.records import Requested, StagePlan, stage_plan
@@ -116,6 +117,69 @@ def test_weight_decay_means_adamw_sparing_biases_and_norms():
             assert np.array_equal(after[path], value), path
 
 
+def tiny_model() -> keras.Model:
+    model = build_model("tiny-cnn", 32, 4)
+    set_trainable(model, 1.0)
+    return model
+
+
+def one_step(optimizer, model, gradients) -> dict[str, np.ndarray]:
+    """Each trainable variable's change after one step on these gradients."""
+    before = [v.numpy().copy() for v in model.trainable_variables]
+    optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+    return {v.path: v.numpy() - b for v, b in zip(model.trainable_variables, before)}
+
+
+def test_layer_decay_gives_each_block_its_own_rate_inside_adam():
+    """Adam's first step moves every weight by lr (its gradient over its own RMS), so the step is the rate."""
+    model, stage = tiny_model(), stage_of(SMOKE, 4)
+    options = TrainingOptions(layer_decay=0.5)
+    optimizer = recipe.optimizer(stage, options, 10)
+    model.compile(optimizer=optimizer, loss="categorical_crossentropy")
+    optimizer.build(model.trainable_variables)
+    depths = block_depths(model)
+    recipe.scale_rates(optimizer, depths, options, warmup_steps=0)
+    assert depths[-1] == 0 and max(depths) == len(backbone_blocks(model.get_layer("backbone")))
+    rng = np.random.default_rng(0)
+    steps = one_step(optimizer, model, [np.where(rng.random(v.shape) < 0.5, -1.0, 1.0).astype("float32")
+                                        for v in model.trainable_variables])
+    for (path, step), depth in zip(steps.items(), depths):
+        assert np.allclose(np.abs(step), stage.lr * 0.5 ** depth, rtol=1e-3), path
+    assert {d for d in depths} >= {0, 1, 2}  # the head, the top block and one below it all trained
+
+
+def test_adamws_decay_follows_the_scaled_rate_and_the_warmup_ramps_it():
+    model, stage = tiny_model(), stage_of(SMOKE, 4)
+    options = TrainingOptions(weight_decay=0.5, layer_decay=0.5, unfreeze_warmup=1.0)
+    optimizer = recipe.optimizer(stage, options, 10)
+    optimizer.build(model.trainable_variables)
+    depths = block_depths(model)
+    recipe.scale_rates(optimizer, depths, options, recipe.unfreeze_warmup_steps(options, True, steps_per_epoch=4))
+    kernels = [i for i, v in enumerate(model.trainable_variables) if v.path.endswith("kernel")]
+    for step in range(6):  # zero gradients: what changes is the decay alone, at lr * D ** depth * warm-up
+        warm = min(1.0, (step + 1) / 4)
+        before = [model.trainable_variables[i].numpy().copy() for i in kernels]
+        one_step(optimizer, model, [np.zeros(v.shape, "float32") for v in model.trainable_variables])
+        for i, old in zip(kernels, before):
+            rate = stage.lr * 0.5 ** depths[i] * warm
+            assert np.allclose(model.trainable_variables[i].numpy(), old * (1 - 0.5 * rate), rtol=1e-6)
+        assert recipe.learning_rate_at(optimizer, step, stage.lr) == pytest.approx(stage.lr * warm)
+    assert recipe.unfreeze_warmup_steps(options, False, 4) == 0  # a stage that unfreezes no more: none
+
+
+def test_the_finders_suggestion_lies_where_the_loss_falls_fastest():
+    from kit.lr_finder import smoothed, sweep_rates, valley
+
+    rates = sweep_rates(100)
+    # Flat, a fall between 1e-4 and 1e-2, then divergence; with noise a plain minimum would not survive.
+    log_rate = np.log10(rates)
+    loss = 2 - np.clip((log_rate + 4) / 2, 0, 1) + np.where(log_rate > -1, (log_rate + 1) * 5, 0)
+    loss += np.random.default_rng(0).normal(0, 0.01, len(loss))
+    suggestion = valley(list(rates), smoothed(list(loss)))
+    assert 1e-4 < suggestion < 1e-2
+    assert smoothed([3.0, 3.0])[0] == pytest.approx(3.0)  # debiased: the first point is the first loss
+
+
 def test_a_started_stage_keeps_its_options(tmp_path):
     workdir = Workdir(tmp_path)
     started = stage_plan(None, SMOKE, 2, Requested(options={"ema": 0.9, "schedule": "cosine"}), workdir)
@@ -133,6 +197,7 @@ def test_a_started_stage_keeps_its_options(tmp_path):
     (["--ema", "1.5"], "--ema 1.5 is out of range"),
     (["--label-smoothing", "-0.1"], "--label-smoothing -0.1 is out of range"),
     (["--warmup-epochs", "1"], "add --schedule cosine"),
+    (["--layer-decay", "1.5"], "--layer-decay 1.5 is out of range"),
 ])
 def test_bad_option_values_are_refused_in_one_paragraph(tmp_path, capsys, flags, message):
     """The command's own main, in this process (a real process's refusal is test_stages'): exit 2, one paragraph."""

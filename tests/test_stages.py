@@ -20,7 +20,9 @@ from kit import checkpoint
 from kit.cli import KitError
 from kit.config import PROFILES, Workdir, override_stage, stage_of
 from kit.dataset import read_description
+from kit.files import sha256
 from kit.manifest import Manifest, status_table
+from kit.pipeline import cache_short_side
 from kit.records import Budget, Execution, Requested, StagePlan, run_config
 from kit.stage import main as stage_main  # in-process, for refusals and --status: no new process to start
 from kit.training import run_all, run_stage
@@ -101,10 +103,38 @@ def curve(workdir: Workdir, tag: str) -> list[tuple[int, float]]:
     return points
 
 
-# Every training option on at once: the EMA of the weights, AdamW's decay, the cosine schedule's position
-# and each batch's MixUp/CutMix draw must all survive the kills for the weights to match.
+# Every training option on at once: the EMA of the weights, AdamW's decay, the cosine schedule's position,
+# each batch's MixUp/CutMix draw, the per-layer rates and the unfreeze warm-up (stage 2 unfreezes half the
+# backbone) must all survive the kills for the weights to match.
 EVERY_OPTION = ["--label-smoothing", "0.1", "--ema", "0.8", "--schedule", "cosine", "--warmup-epochs", "0.5",
-                "--mixup", "0.4", "--cutmix", "1.0", "--weight-decay", "0.05"]
+                "--mixup", "0.4", "--cutmix", "1.0", "--weight-decay", "0.05", "--layer-decay", "0.7",
+                "--unfreeze-warmup", "0.5"]
+
+
+def files_of(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): sha256(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_the_lr_finder_changes_nothing_but_its_plot(stage_one, tmp_path, backend):
+    """A sweep from stage 1's best weights, both backends: a PNG and a suggested rate; every other file as it was."""
+    root = tmp_path / "run"
+    shutil.copytree(stage_one, root)
+    before = files_of(root)
+    result = run_command(stage_command(root, "--step", "2", "--find-lr", "--layer-decay", "0.8"),
+                         env={**ENV, "KERAS_BACKEND": backend})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    plot = Workdir.resolve(root, SMOKE).submissions / "lr_find_stage_2.png"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    suggested = float(result.stdout.split("fell fastest around lr ")[1].split()[0])
+    assert 1e-7 < suggested < 10 and "--lr" in result.stdout
+    after = files_of(root)
+    assert after.pop(str(plot.relative_to(root)))
+    # The copy moved the photos, so the cache at stage 2's size is built for them (the stage needs it): nothing else.
+    stage_cache = f"smoke/cache/train-{cache_short_side(stage_of(SMOKE, 2).image_size)}-"
+    new = after.keys() - before.keys()
+    assert all(name.startswith(stage_cache) for name in new)
+    assert {k: v for k, v in after.items() if k not in new} == before  # no checkpoint, manifest, log or other cache
 
 
 @pytest.mark.parametrize("options", [[], EVERY_OPTION], ids=["recipe", "every-option"])
