@@ -6,8 +6,8 @@
 The model is exported by kit.export (and checked there to 1e-4), then each runtime answers the
 same real photos through kit's Predictor: one view and TTA 10. Prints p50/p95 per photo and the
 ratio Keras / ONNX Runtime, and what Grad-CAM (kit.cam, the demo's heat map) adds on the Keras
-model. The installed size of each serving environment is measured apart (see the README): it needs
-clean virtual environments, not this process.
+model. The installed size of each serving environment is measured apart (docs/export-and-demo.md):
+it needs clean virtual environments, not this process.
 """
 
 from __future__ import annotations

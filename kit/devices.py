@@ -124,7 +124,7 @@ def device_names() -> list[str]:
                            "train on the CPU, a hundred times slower. Train under Keras' JAX backend, which takes "
                            "the TPU's cores as devices (--devices all splits each batch over them): "
                            "pip install -U 'jax[tpu]', then run the same command with KERAS_BACKEND=jax in front "
-                           "(README, 'Kaggle TPU'). Or pick a GPU runtime.")
+                           "(docs/devices-and-jax.md). Or pick a GPU runtime.")
         return [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
     if backend == "jax":
         import jax

@@ -391,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
     parser.add_argument("--views-per-batch", type=int, default=VIEWS_PER_BATCH, metavar="N",
                         help=f"model inputs per forward pass (default {VIEWS_PER_BATCH}); a GPU goes faster with more "
-                             "(TTA 10 at 448 px on an H100: 120 is 1.16x 30, see the README)")
+                             "(TTA 10 at 448 px on an H100: 120 is 1.16x 30, docs/performance.md)")
     add_time_budget(parser)
     return parser
 

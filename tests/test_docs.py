@@ -1,4 +1,5 @@
-"""The README and the notebooks cannot drift from the kit: every command they show must parse."""
+"""The README, the docs and the notebooks cannot drift from the kit: every command they show must parse, every
+link they hold must resolve."""
 
 from __future__ import annotations
 
@@ -29,21 +30,52 @@ def assert_parses(module: str, args: list[str]) -> None:
     try:
         parser.parse_args(args)
     except SystemExit as error:
+        if error.code == 0:  # --help
+            return
         pytest.fail(f"'python -m {module} {' '.join(args)}' is rejected by the kit's parser ({error})")
 
 
-def readme_code_blocks() -> str:
-    blocks = re.findall(r"```(\w*)\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def code_blocks(path=ROOT / "README.md") -> str:
+    blocks = re.findall(r"```(\w*)\n(.*?)```", path.read_text(), re.S)
     return "\n".join(code for language, code in blocks if language in ("", "bash", "sh", "shell", "console"))
 
 
 def test_readme_commands_parse():
-    commands = commands_in(readme_code_blocks())
+    commands = commands_in(code_blocks())
     assert len(commands) >= 10
     for module, args in commands:
         assert_parses(module, args)
     for essential in ("kit.stage --step 5 --resume", "kit --smoke", "kaggle competitions submit", "kit.demo --share"):
-        assert essential in readme_code_blocks()
+        assert essential in code_blocks()
+
+
+@pytest.mark.parametrize("page", PAGES[1:], ids=lambda p: p.name)
+def test_each_page_starts_with_commands_that_parse(page):
+    """A docs page opens with its commands (the first code block before any section), and every one parses."""
+    text = page.read_text()
+    assert text.index("```") < text.index("\n## ") if "\n## " in text else "```" in text, "commands first"
+    for module, args in commands_in(code_blocks(page)):
+        assert_parses(module, args)
+
+
+def test_the_readme_stays_short_and_links_every_page():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 200
+    linked = {target for target in LINK.findall(readme) if target.startswith("docs/")}
+    assert linked >= {f"docs/{page.name}" for page in PAGES[1:] if page.name != "README.md"}
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_every_relative_link_resolves(page):
+    for target in LINK.findall(page.read_text()):
+        if re.match(r"[a-z]+:", target) or target.startswith("#"):
+            continue  # a web address, or an anchor on the same page
+        path = (page.parent / target.split("#")[0]).resolve()
+        assert path.exists(), f"{page.name} links to {target}, which is not there"
 
 
 def test_readme_test_set_up_is_what_ci_runs():
@@ -88,5 +120,6 @@ def test_readme_says_what_a_hard_kill_loses():
     from kit.training import SAVE_INTERVAL_S
 
     readme = " ".join((ROOT / "README.md").read_text().split())
+    stages = " ".join((ROOT / "docs" / "stages.md").read_text().split())
     assert SAVE_INTERVAL_S == 600 and "loses the batches since the last checkpoint, at most about ten minutes" in readme
-    assert precision_for(6.0) == "float32" and "float32 below (Kaggle's P100" in readme
+    assert precision_for(6.0) == "float32" and "float32 below (Kaggle's P100" in stages
