@@ -223,11 +223,12 @@ class FolderScan:
         return [self.root / p for p in self.images]
 
 
-def scan_folder(root: Path, class_folders: bool = False, loose: bool = True) -> FolderScan:
+def scan_folder(root: Path, class_folders: bool = False, loose: bool = True, check: bool = True) -> FolderScan:
     """The one walk over a folder of photos, with the kit's skip rules: hidden files, files that are not images.
 
     With `class_folders`, an image counts only as <class>/<photo>: deeper ones are skipped, and loose
-    photos at the top too unless `loose` (a test folder may hold either).
+    photos at the top too unless `loose` (a test folder may hold either). With `check`, an image file that
+    is not a whole photo (image_problem) is skipped too; without, it is kept for its reader to report.
     """
     images, skipped = [], defaultdict(list)
     for path in image_files(root):
@@ -241,7 +242,7 @@ def scan_folder(root: Path, class_folders: bool = False, loose: bool = True) -> 
             skipped["images in nested folders"].append(relative.as_posix())
         elif class_folders and depth == 1 and not loose:
             skipped["images outside a class folder"].append(relative.as_posix())
-        elif problem := image_problem(path):
+        elif check and (problem := image_problem(path)):
             skipped[problem].append(relative.as_posix())
         else:
             images.append(relative)

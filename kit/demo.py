@@ -5,6 +5,8 @@
     python -m kit.demo --model weights/export/model.onnx   # an export, on ONNX Runtime (no TensorFlow)
 
 The page and `python -m kit.predict` share one Predictor: same decoding, same TTA, same model.
+A photo unlike every training photo, or with no likely class, is answered "Not one of the N car
+models it knows", with the closest ones below (kit.novelty; the API's label says the same).
 With the kit's own weights it also shows where the model looked (Grad-CAM, kit.cam) once the
 answer is on the page; an ONNX model has no gradients, so that part is left off.
 """
@@ -20,12 +22,12 @@ import numpy as np
 
 from kit.cli import add_workdir, main_guard
 from kit.config import COMPETITION_CLASSES, TTA_VIEWS, Workdir
-from kit.dataset import UnreadableImage, is_verified, load_resized, read_test
-from kit.predict import LoadedModel, Predictor, add_model_options, model_from_args
+from kit.dataset import UnreadableImage, is_verified, load_resized, read_index
+from kit.predict import LoadedModel, Predictor, add_model_options, learn_known, model_from_args, photo_features
 
 MAX_UPLOAD = "20mb"
 TOP_CLASSES = 5
-EXAMPLES = 4
+EXAMPLES = 10  # one photo per class, as many classes as that
 SHOWN_SIDE = 384  # the heat map is drawn over the photo at least this size (shorter side), whatever the model's
 
 
@@ -48,20 +50,43 @@ def photo_input() -> gr.Image:
     return image
 
 
+def label_output() -> gr.Label:
+    """The answer: Gradio's Label, which also takes {"headline": ..., "confidences": {...}} for a car it does
+    not know (the headline replaces the top class's name). Wrapped, not subclassed, as photo_input is."""
+    label = gr.Label(num_top_classes=TOP_CLASSES, label="Car model")
+    default = label.postprocess
+
+    def postprocess(value):
+        if isinstance(value, dict) and "headline" in value:
+            answer = default(value["confidences"])
+            answer.label = value["headline"]
+            return answer
+        return default(value)
+
+    label.postprocess = postprocess
+    return label
+
+
+def unknown_headline(classes: Sequence[str]) -> str:
+    return f"Not one of the {len(classes)} car models it knows (the closest below)"
+
+
 def build_demo(loaded: LoadedModel, tta: int = TTA_VIEWS, examples: Sequence[Path] = ()) -> gr.Blocks:
     """The page; the model is loaded once by the caller and shared by every request."""
     single, augmented = Predictor(loaded, 1), Predictor(loaded, tta)
 
-    def classify(photo: str | None, use_tta: bool) -> dict[str, float]:
-        """Top car models for the photo."""
+    def classify(photo: str | None, use_tta: bool) -> dict:
+        """Top car models for the photo; a headline instead of the first where it is none of them."""
         if photo is None:
             raise gr.Error("Upload a photo of a car first.", print_exception=False)
         try:
             ranked = (augmented if use_tta else single).rank(photo)
+            known = loaded.known is None or is_known(loaded, load_resized(photo, single.short_side))
         except UnreadableImage as error:
             raise gr.Error(f"This file could not be read as a photo ({error}). Upload a JPEG, PNG or WebP "
                            "picture of a car.", print_exception=False) from None
-        return dict(ranked[:TOP_CLASSES])
+        confidences = dict(ranked[:TOP_CLASSES])
+        return confidences if known else {"headline": unknown_headline(loaded.classes), "confidences": confidences}
 
     def explain(photo: str | None, show: bool) -> np.ndarray | None:
         """Where the model looked for the class it named: the heat map over the photo, the hottest region boxed."""
@@ -88,11 +113,11 @@ def build_demo(loaded: LoadedModel, tta: int = TTA_VIEWS, examples: Sequence[Pat
                                        label="Show where the model looked (Grad-CAM)")
                 button = gr.Button("Name the car", variant="primary")
             with gr.Column():
-                label = gr.Label(num_top_classes=TOP_CLASSES, label="Car model")
+                label = label_output()
                 heat = gr.Image(type="numpy", format="jpeg", label="Where the model looked (Grad-CAM)",
                                 interactive=False, visible=loaded.has_gradients)
         if examples:
-            gr.Examples([[str(p), False] for p in examples], inputs=[photo, use_tta])
+            gr.Examples([[str(p)] for p in examples], inputs=[photo], label="Examples: one photo per class")
         for event, visibility in ((button.click, "public"), (photo.upload, "private")):
             answered = event(classify, inputs=[photo, use_tta], outputs=label, api_visibility=visibility)
             if loaded.has_gradients:  # after the answer, which is not kept waiting for the heat map
@@ -108,11 +133,21 @@ def what_it_knows(classes: Sequence[str], shown: int = 12) -> str:
     return f"one of {len(classes)} models ({names}{', ...' if len(classes) > shown else ''})."
 
 
-def example_photos(workdir: Workdir) -> list[Path]:
-    """A few of the dataset's test photos, when it has any (the page offers them to click)."""
+def is_known(loaded: LoadedModel, image: np.ndarray) -> bool:
+    """Is the photo one of the cars the model was taught (kit.novelty, on its plain view)?"""
+    features, probs = photo_features(loaded, [image], ["upload"])
+    return bool(loaded.known.is_known(features, probs)[0])
+
+
+def example_photos(workdir: Workdir, shown: int = EXAMPLES) -> list[Path]:
+    """Photos to click: one per class from the labelled photos (test photos first), else a few test photos."""
     if not is_verified(workdir):
         return []
-    return [Path(p) for p in read_test(workdir).path[:EXAMPLES] if Path(p).is_file()]
+    index = read_index(workdir)
+    labelled = index[index.Category.notna()].sort_values("subset", key=lambda s: s != "test", kind="stable")
+    picked = (labelled.groupby("Category", sort=True).head(1).path if len(labelled)
+              else index[index.subset == "test"].path)
+    return [Path(p) for p in list(picked)[:shown] if Path(p).is_file()]
 
 
 def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
@@ -139,6 +174,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     workdir, loaded = model_from_args(args)
     print(f"Model: {loaded.describe()}")
+    if learn_known(workdir, loaded) is None:
+        print("note: without the run's training photos (or an export made with them) the page cannot tell a car "
+              "the model never saw; every photo gets one of its classes.")
     examples = example_photos(workdir)
     launch(build_demo(loaded, args.tta or 1, examples), args.host, args.port, args.share, examples)
     return 0

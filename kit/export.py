@@ -30,7 +30,17 @@ from kit.cli import EXIT_DONE, KitError, add_workdir, main_guard
 from kit.dataset import UnreadableImage, load_resized, read_test, scan_folder
 from kit.files import atomic_path, write_text
 from kit.kaggle_api import kaggle_api
-from kit.predict import METADATA, LoadedModel, OnnxModel, Predictor, add_model_options, model_from_args
+from kit.novelty import KNOWN
+from kit.predict import (
+    FEATURES_ONNX,
+    METADATA,
+    LoadedModel,
+    OnnxModel,
+    Predictor,
+    add_model_options,
+    learn_known,
+    model_from_args,
+)
 from kit.publish import format_for, publish
 
 FORMATS = {"onnx": "model.onnx", "keras": "model.keras", "savedmodel": "savedmodel", "tflite": "model.tflite"}
@@ -116,7 +126,7 @@ def constant_normalization(model) -> None:
 def remove_leftovers(folder: Path) -> None:
     """A killed export's temporary files and folders (.model.onnx.*.tmp, .savedmodel.tmp): never read, only in the
     way."""
-    for name in FORMATS.values():
+    for name in (*FORMATS.values(), FEATURES_ONNX):
         for leftover in folder.glob(f".{name}.*"):
             _remove(leftover)
 
@@ -144,9 +154,25 @@ def export(loaded: LoadedModel, folder: Path, formats: Sequence[str], photos: Se
             raise KitError(f"The {fmt} export differs from the Keras model by up to {difference:.2g} in a probability "
                            f"on {len(views)} photos (allowed: {TOLERANCE:g}), so it was removed. Export another format "
                            "(--format).")
+    if "onnx" in formats and loaded.known is not None:
+        export_features(loaded, folder, views)
     write_text(folder / METADATA, json.dumps(metadata(loaded, formats, differences, len(views)), indent=2,
                                              ensure_ascii=False))
     return differences
+
+
+def export_features(loaded: LoadedModel, folder: Path, views: np.ndarray) -> None:
+    """features.onnx and known.npz beside model.onnx, so the ONNX demo also tells a car the model never saw
+    (kit.novelty); checked like the model, relative to the features' scale."""
+    path = folder / FEATURES_ONNX
+    expected = np.asarray(loaded.features.predict_on_batch(views), np.float64)
+    write_format(loaded.features, "onnx", path)
+    difference = float(np.abs(OnnxModel(path).predict_on_batch(views) - expected).max())
+    if not difference <= TOLERANCE * max(1.0, float(np.abs(expected).max())):
+        _remove(path)
+        raise KitError(f"The ONNX export of the model's features differs from Keras' by up to {difference:.2g} on "
+                       f"{len(views)} photos, so it was removed.")
+    loaded.known.save(folder / KNOWN)
 
 
 def _remove(path: Path) -> None:
@@ -160,6 +186,8 @@ def metadata(loaded: LoadedModel, formats: Sequence[str], differences: dict[str,
             "backbone": loaded.backbone, "stage": loaded.stage, "final_fit": loaded.final_fit,
             "val_accuracy": loaded.val_accuracy, "weights": str(loaded.source), "kit_version": __version__,
             "files": {fmt: FORMATS[fmt] for fmt in formats},
+            "unknown_cars": ({**loaded.known.describe(), "features": FEATURES_ONNX}
+                             if "onnx" in formats and loaded.known is not None else None),
             "check": {"photos": checked, "max_abs_difference": differences, "tolerance": TOLERANCE}}
 
 
@@ -210,6 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir, loaded = model_from_args(args)
     folder = args.out or workdir.weights / "export"
     print(f"Model: {loaded.describe()}")
+    learn_known(workdir, loaded)
     differences = export(loaded, folder, formats, photos_to_check(workdir, args.photos))
     for fmt, difference in differences.items():
         print(f"{fmt}: {folder / FORMATS[fmt]} (max difference from Keras {difference:.1e})")

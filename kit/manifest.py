@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -23,43 +22,9 @@ from kit import checkpoint
 from kit.cli import KitError
 from kit.config import FINAL_FIT_STEP, Stage, Workdir
 from kit.files import atomic_path, write_text
-from kit.records import RunConfig, StagePlan
+from kit.records import RunConfig, StageRecord
 
 BEST = "best.weights.npz"
-
-
-@dataclass
-class StageRecord:
-    """One stage's entry in the manifest."""
-
-    status: str = ""  # as written: "running", "interrupted" or "done" ("" before it starts)
-    plan: dict | None = None  # StagePlan.to_dict(), fixed when the stage starts
-    position: dict | None = None  # {"epoch", "step"} of the newest checkpoint while interrupted
-    runtime: dict = field(default_factory=dict)  # precision, device, devices, backend, jit of the last session
-    best_val_accuracy: float | None = None
-    best_epoch: int | None = None
-    epochs: int | None = None  # epochs finished
-    wall_time_s: float | None = None
-    started_at: str | None = None
-    finished_at: str | None = None
-    stopped: str | None = None  # why the kit itself last stopped it (budget, signal); None once it runs again
-    images_seen: int | None = None  # training images the run had seen at its newest save, stages before included
-    settings: dict | None = None  # runs started before plans were saved kept their stage row here
-    other: dict = field(default_factory=dict)  # keys a newer kit wrote: kept as they are
-
-    @classmethod
-    def from_dict(cls, saved: dict) -> "StageRecord":
-        names = {f.name for f in dataclasses.fields(cls)} - {"other"}
-        known = {k: v for k, v in saved.items() if k in names}
-        return cls(**known, other={k: v for k, v in saved.items() if k not in names})
-
-    def to_dict(self) -> dict:
-        saved = {k: v for k, v in dataclasses.asdict(self).items() if k != "other" and v not in (None, {})}
-        return {**self.other, **saved}
-
-    @property
-    def stage_plan(self) -> StagePlan | None:
-        return StagePlan.from_dict(self.plan) if self.plan else None
 
 
 class Manifest:

@@ -9,9 +9,10 @@
 For a competition: submissions/submission.csv in the sample submission's order and header, and
 submissions/probabilities.csv (Id and one column per class, named after it) for ensembling.
 For a class-folder dataset's test folder, or --folder: predictions.csv (Id, class, probability,
-then every class's probability). An unreadable image still gets a row (the class prior in a
-submission, no class in predictions.csv) and the command exits non-zero with the list, so
-nothing is ever silently incomplete.
+then every class's probability); --folder adds "known", False for a photo unlike every training
+photo or with no likely class (kit.novelty: a car the model was never taught). An unreadable
+image still gets a row (the class prior in a submission, no class in predictions.csv) and the
+command exits non-zero with the list, so nothing is ever silently incomplete.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from kit import checkpoint
 from kit.cli import EXIT_STOPPED, KitError, add_cache_dir, add_workdir, main_guard
@@ -34,6 +36,7 @@ from kit.devices import cache_compilations, choose_precision
 from kit.files import sha256, write_text
 from kit.inference import VIEWS_PER_BATCH, Predictor, Subset, predict_labelled, score
 from kit.manifest import Manifest
+from kit.novelty import FEATURES_LAYER, KNOWN, Known, bank_rows, learn
 from kit.pipeline import DEFAULT_WORKERS, Uncached, open_cache, open_training_cache
 from kit.records import Budget, RunConfig
 
@@ -53,6 +56,8 @@ class LoadedModel:
     classes: tuple[str, ...]  # the model's outputs, in order, as the run was trained on them
     final_fit: bool = False  # trained on the validation images too: its validation score is not held out
     config: RunConfig | None = None  # the run it was trained in (seed, split), from the weights file; None for ONNX
+    features: object | None = None  # predict_on_batch(views) -> the head's features (kit.novelty), where there are
+    known: Known | None = None  # what the model was taught (kit.novelty), once computed for these weights
 
     def describe(self) -> str:
         stage = f"stage {self.stage}" if self.stage else "custom weights"
@@ -108,8 +113,12 @@ def load_model(path: Path, image_size: int | None = None, precision: str = "auto
         checkpoint.assign_model(model, arrays, path)
     except checkpoint.IncompatibleCheckpoint as error:
         raise KitError(str(error)) from None
+    features = keras.Model(model.input, model.get_layer(FEATURES_LAYER).output)
+    known = Known.load(Path(path).parent / KNOWN)
+    if known is not None and known.weights != weights_digest(Path(path)):
+        known = None  # computed for other weights (the stage trained again): made again when asked for
     return LoadedModel(model, config.backbone, step, size, state.get("val_accuracy"), path, config.classes,
-                       bool(state.get("final_fit")), config)
+                       bool(state.get("final_fit")), config, features, known)
 
 
 class OnnxModel:
@@ -123,6 +132,9 @@ class OnnxModel:
 
     def predict_on_batch(self, views: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input: np.ascontiguousarray(views, np.uint8)})[0]
+
+
+FEATURES_ONNX = "features.onnx"  # beside model.onnx: the head's features, for telling an unknown car (kit.novelty)
 
 
 def load_onnx(path: Path) -> LoadedModel:
@@ -143,8 +155,54 @@ def load_onnx(path: Path) -> LoadedModel:
         raise KitError(f"{path} cannot be loaded by ONNX Runtime ({type(error).__name__}: "
                        f"{str(error).splitlines()[0][:200]}): it is damaged or not an ONNX model. Export it again "
                        "with 'python -m kit.export' (or copy it again, whole).") from None
+    features = path.parent / FEATURES_ONNX
+    known = Known.load(path.parent / KNOWN) if features.is_file() else None
     return LoadedModel(model, meta.get("backbone", "?"), meta.get("stage"), size, meta.get("val_accuracy"),
-                       path, classes, bool(meta.get("final_fit")))
+                       path, classes, bool(meta.get("final_fit")), None, OnnxModel(features) if known else None,
+                       known)
+
+
+def photo_features(loaded: LoadedModel, images, keys: Sequence[str], progress: str = "") -> tuple[np.ndarray,
+                                                                                                np.ndarray]:
+    """The head's features and the class probabilities of each image's plain view (what kit.novelty judges)."""
+    predictor, features, probs = Predictor(loaded, 1), [], []
+    with tqdm(total=len(keys), desc=progress, disable=not progress, mininterval=1.0) as bar:
+        for start in range(0, len(keys), VIEWS_PER_BATCH):
+            views = np.concatenate([predictor.views_of(images[i], keys[i])
+                                    for i in range(start, min(start + VIEWS_PER_BATCH, len(keys)))])
+            features.append(np.asarray(loaded.features.predict_on_batch(views), np.float32).reshape(len(views), -1))
+            probs.append(np.asarray(loaded.model.predict_on_batch(views), np.float64))
+            bar.update(len(views))
+    return np.concatenate(features), np.concatenate(probs)
+
+
+def learn_known(workdir: Workdir, loaded: LoadedModel) -> Known | None:
+    """What the model was taught, for telling a car it never saw: computed once per weights file and kept beside it.
+
+    Needs the run's split (the training photos make the bank, the validation photos set the thresholds), so a
+    weights file from elsewhere, a final fit (no held-out photos) or an export without it gets None.
+    """
+    if loaded.known is not None or loaded.features is None or loaded.config is None or loaded.final_fit:
+        return loaded.known
+    if not workdir.split_csv.is_file():
+        return None
+    config = loaded.config
+    split = load_split(workdir, config.val_fraction, config.seed, config.fold)
+    train = split.train[split.train.subset != "pseudo"]  # the bank holds photos with their real labels
+    train = train.iloc[bank_rows(train.Category.to_numpy())]
+    print(f"Learning which cars the model knows: the features of {len(train)} training and {len(split.val)} "
+          "validation photos (once per weights file)")
+    bank, _ = photo_features(loaded, Uncached(list(train.path), loaded.image_size), list(train.Id), "training photos")
+    val_features, val_probs = photo_features(loaded, Uncached(list(split.val.path), loaded.image_size),
+                                             list(split.val.Id), "validation photos")
+    loaded.known = learn(bank, val_features, val_probs, weights_digest(Path(loaded.source)))
+    loaded.known.save(Path(loaded.source).parent / KNOWN)
+    return loaded.known
+
+
+def weights_digest(path: Path) -> str:
+    stat = path.stat()
+    return _digest(path, stat.st_mtime_ns, stat.st_size)
 
 
 def class_prior(workdir: Workdir, num_classes: int) -> np.ndarray:
@@ -200,8 +258,7 @@ def validation_probabilities(workdir: Workdir, loaded: LoadedModel, validation, 
     """
     images, keys, labels, _ = validation
     path = workdir.report / f"validation_views{max(views, 1)}.npz"
-    stat = Path(loaded.source).stat()
-    weights = _digest(Path(loaded.source), stat.st_mtime_ns, stat.st_size)
+    weights = weights_digest(Path(loaded.source))
     made_of = {"weights": weights, "seed": seed, "image_size": loaded.image_size, "keys": keys}
     stored = checkpoint.read_state(path) or {}
     arrays = checkpoint.read(path)[0] if stored.get("made_of") == made_of else {}
@@ -314,7 +371,7 @@ def predict_folder(folder: Path, loaded: LoadedModel, out: Path, tta: int = TTA_
     """predictions.csv for every photo under `folder` (paths relative to it); returns it and the unreadable."""
     if not Path(folder).is_dir():
         raise KitError(f"--folder {folder} is not a folder. Give a folder of photos (subfolders are searched too).")
-    scan = scan_folder(Path(folder))
+    scan = scan_folder(Path(folder), check=False)  # a damaged photo gets its row and is listed, not skipped
     skipped = [path for paths in scan.skipped.values() for path in paths]
     if skipped:
         print(f"Skipped {len(skipped)} files that are not images: {', '.join(skipped[:5])}"
@@ -327,6 +384,13 @@ def predict_folder(folder: Path, loaded: LoadedModel, out: Path, tta: int = TTA_
     probs, unreadable = Predictor(loaded, tta, seed, workers, batch_views).predict_many(
         Uncached([str(p) for p in photos], loaded.image_size), keys)
     table = predictions_table(keys, probs, loaded.classes, "path")
+    if loaded.known is not None:  # kit.novelty: is it one of the cars the model was taught?
+        readable = [i for i, key in enumerate(keys) if key not in unreadable]
+        features, plain = photo_features(loaded, Uncached([str(photos[i]) for i in readable], loaded.image_size),
+                                         [keys[i] for i in readable])
+        known = pd.Series(pd.NA, index=table.index, dtype="boolean")
+        known.iloc[readable] = loaded.known.is_known(features, plain)
+        table.insert(3, "known", known)
     write_text(out, table.to_csv(index=False))
     return table, unreadable
 
@@ -407,6 +471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_STOPPED
     workers, batch_views = max(1, args.workers), max(1, args.views_per_batch)
     if args.folder:
+        learn_known(workdir, loaded)
         written = args.out or workdir.submissions / PREDICTIONS
         table, unreadable = predict_folder(args.folder, loaded, written, args.tta, args.seed, workers, batch_views)
     else:

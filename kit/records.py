@@ -6,6 +6,7 @@ What is learned is fixed when it starts, saved in the manifest, and restored on 
   StagePlan  one stage's row of the table with its overrides, its loss weighting and its training
              options (label smoothing, EMA, schedule, MixUp/CutMix, weight decay), fixed when that
              stage starts; for the final fit, also what it replays.
+  StageRecord  one stage's entry in the manifest (kit.manifest): its status, plan, position, results.
 A flag that contradicts a saved record is refused, naming the flag and the way out; a flag left
 out means "as saved", so `--all`, `python -m kit` and the notebooks resume with no flags at all.
 
@@ -21,14 +22,21 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from kit.cli import KitError, session_start
-from kit.config import (COMPETITION_CLASSES, FINAL_FIT_STEP, SEED, VAL_FRACTION, Head, Profile, Stage,
-                        TrainingOptions, Workdir, override_stage, stage_of)
-
-if TYPE_CHECKING:
-    from kit.manifest import StageRecord  # the manifest is built on these records, not the other way round
+from kit.config import (
+    COMPETITION_CLASSES,
+    FINAL_FIT_STEP,
+    SEED,
+    VAL_FRACTION,
+    Head,
+    Profile,
+    Stage,
+    TrainingOptions,
+    Workdir,
+    override_stage,
+    stage_of,
+)
 
 
 @dataclass(frozen=True)
@@ -93,6 +101,40 @@ class StagePlan:
         final = saved.get("final_fit")
         return cls(Stage(**saved["stage"]), bool(saved.get("class_weights", False)),
                    TrainingOptions(**saved.get("options", {})), FinalFit(**final) if final else None)
+
+
+@dataclass
+class StageRecord:
+    """One stage's entry in the manifest."""
+
+    status: str = ""  # as written: "running", "interrupted" or "done" ("" before it starts)
+    plan: dict | None = None  # StagePlan.to_dict(), fixed when the stage starts
+    position: dict | None = None  # {"epoch", "step"} of the newest checkpoint while interrupted
+    runtime: dict = field(default_factory=dict)  # precision, device, devices, backend, jit of the last session
+    best_val_accuracy: float | None = None
+    best_epoch: int | None = None
+    epochs: int | None = None  # epochs finished
+    wall_time_s: float | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    stopped: str | None = None  # why the kit itself last stopped it (budget, signal); None once it runs again
+    images_seen: int | None = None  # training images the run had seen at its newest save, stages before included
+    settings: dict | None = None  # runs started before plans were saved kept their stage row here
+    other: dict = field(default_factory=dict)  # keys a newer kit wrote: kept as they are
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> "StageRecord":
+        names = {f.name for f in dataclasses.fields(cls)} - {"other"}
+        known = {k: v for k, v in saved.items() if k in names}
+        return cls(**known, other={k: v for k, v in saved.items() if k not in names})
+
+    def to_dict(self) -> dict:
+        saved = {k: v for k, v in dataclasses.asdict(self).items() if k != "other" and v not in (None, {})}
+        return {**self.other, **saved}
+
+    @property
+    def stage_plan(self) -> StagePlan | None:
+        return StagePlan.from_dict(self.plan) if self.plan else None
 
 
 @dataclass(frozen=True)
@@ -209,7 +251,7 @@ def resumed_plan(saved: dict, step: int, requested: Requested, workdir: Workdir)
     return plan
 
 
-def final_fit_plan(saved: dict | None, last: "StageRecord", history: list[dict], requested: Requested,
+def final_fit_plan(saved: dict | None, last: StageRecord, history: list[dict], requested: Requested,
                    workdir: Workdir) -> StagePlan:
     """The final fit's plan: the saved one once it has started, else the last stage's plan, replayed.
 

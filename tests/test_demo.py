@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import struct
 import zlib
@@ -13,6 +14,7 @@ from PIL import Image
 
 from conftest import ROOT
 from kit.config import COMPETITION_CLASSES, Workdir
+from kit.dataset import load_resized
 from kit.predict import Predictor, load_model, weights_path
 
 gradio_client = pytest.importorskip("gradio_client")
@@ -22,7 +24,9 @@ gradio_client = pytest.importorskip("gradio_client")
 def server(smoke_run, real_photos):
     from kit import demo
 
-    loaded = load_model(weights_path(Workdir(smoke_run)))
+    # Without what it was taught (a weights file from elsewhere): every photo gets one of its classes. The page that
+    # tells an unknown car is test_unknown_cars_are_said_to_be_none_of_its_classes's.
+    loaded = dataclasses.replace(load_model(weights_path(Workdir(smoke_run))), known=None)
     page = demo.build_demo(loaded, tta=10, examples=real_photos[:2])
     _, url, _ = demo.launch(page, port=None, examples=real_photos[:2], block=False)
     client = gradio_client.Client(url, verbose=False)
@@ -53,10 +57,32 @@ def test_real_photo_gets_five_ranked_models(server, real_photos):
     assert sum(p for _, p in ranked) == pytest.approx(1, abs=1e-5)
 
 
+def test_unknown_cars_are_said_to_be_none_of_its_classes(smoke_run, real_photos):
+    """The smoke model was taught synthetic pictures: one of them is a car it knows, a real photo is not."""
+    from kit import demo
+    from kit.predict import learn_known
+
+    workdir = Workdir(smoke_run)
+    loaded = load_model(weights_path(workdir))
+    assert learn_known(workdir, loaded) is not None
+    synthetic = sorted(workdir.test_dir.iterdir())
+    known = next(p for p in synthetic if demo.is_known(loaded, load_resized(p, Predictor(loaded, 1).short_side)))
+    page = demo.build_demo(loaded, tta=2)
+    _, url, _ = demo.launch(page, port=None, block=False)
+    try:
+        client = gradio_client.Client(url, verbose=False)
+        assert_ranked(classify(client, known))  # a class it knows heads the answer
+        for photo in real_photos[:3]:
+            answer = classify(client, photo)
+            assert answer["label"] == demo.unknown_headline(COMPETITION_CLASSES)
+            assert [c["label"] for c in answer["confidences"]] == [n for n, _ in Predictor(loaded, 1).rank(photo)[:5]]
+    finally:
+        page.close()
+
+
 def test_the_page_shows_where_the_model_looked(server, real_photos):
     _, client, loaded = server
     from kit import cam, demo
-    from kit.dataset import load_resized
 
     shown = client.predict(gradio_client.handle_file(str(real_photos[0])), True, api_name="/explain")
     photo = Image.open(real_photos[0])

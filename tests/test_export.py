@@ -16,9 +16,10 @@ from conftest import ROOT, demo_process, run_kit
 from kaggle_server import USER, Kaggle, serve
 from kit.cli import KitError
 from kit.config import COMPETITION_CLASSES, PROFILES, Workdir
+from kit.demo import unknown_headline
 from kit.export import FORMATS, check_views, litert_probabilities
 from kit.kaggle_api import kaggle_api
-from kit.predict import OnnxModel, load_model, load_onnx, weights_path
+from kit.predict import OnnxModel, learn_known, load_model, load_onnx, weights_path
 from kit.publish import format_for, publish
 
 pytest.importorskip("onnxruntime")
@@ -52,6 +53,14 @@ def test_every_format_matches_the_keras_model_on_real_photos(exported, smoke_run
     assert np.abs(litert_probabilities(exported / "model.tflite", views) - expected).max() <= 1e-4
     onnx = load_onnx(exported / "model.onnx")
     assert onnx.classes == loaded.classes and onnx.image_size == loaded.image_size
+    # What tells an unknown car travels with the export: the features' own ONNX file and the bank, same answers.
+    assert meta["unknown_cars"]["features"] == "features.onnx" and onnx.known is not None
+    assert meta["unknown_cars"]["bank"] == len(onnx.known.bank) and onnx.known.k >= 1
+    learnt = learn_known(Workdir(smoke_run), loaded)
+    features = np.asarray(loaded.features.predict_on_batch(views))
+    assert np.abs(onnx.features.predict_on_batch(views) - features).max() <= 1e-3 * max(1, np.abs(features).max())
+    probs = np.asarray(expected)
+    assert (onnx.known.is_known(features, probs) == learnt.is_known(features, probs)).all()
 
 
 def test_an_onnx_file_without_its_metadata_is_refused(exported, tmp_path):
@@ -74,6 +83,8 @@ def test_the_demo_serves_the_onnx_model_where_tensorflow_cannot_be_imported(expo
             result = client.predict(gradio_client.handle_file(str(real_photos[0])), tta, api_name="/classify")
             labels = [c["label"] for c in result["confidences"]]
             assert len(labels) == 5 and set(labels) <= set(COMPETITION_CLASSES)
+            # The smoke model was taught synthetic pictures: a real car is none of what it knows, and it says so.
+            assert result["label"] == unknown_headline(COMPETITION_CLASSES)
         (tmp_path / "notes.txt").write_text("not a photo")
         with pytest.raises(gradio_client.exceptions.AppError, match="could not be read as a photo"):
             client.predict(gradio_client.handle_file(str(tmp_path / "notes.txt")), False, api_name="/classify")

@@ -10,9 +10,8 @@ from conftest import ROOT
 # before it.
 ORDER = ["kit", "config", "files", "cli", "devices", "kaggle_api", "plots", "pth", "augment", "dataset", "synthetic",
          "download", "pipeline", "records", "checkpoint", "manifest", "efficientnet_lite", "backbones", "recipe",
-         "inference", "train_step", "tensorboard_log", "training", "lr_finder", "stage", "predict", "cam", "report", "publish",
-         "export", "ensemble", "pseudo",
-         "submit", "demo", "notebook", "remote", "__main__"]
+         "inference", "novelty", "train_step", "tensorboard_log", "training", "lr_finder", "stage", "predict", "cam",
+         "report", "publish", "export", "ensemble", "pseudo", "submit", "demo", "notebook", "remote", "__main__"]
 LATE_ALLOWED = 10  # kit modules imported inside a function: only where they load a heavy framework (a comment says)
 
 
