@@ -327,7 +327,8 @@ def kaggle_cells(repo: str = PLACEHOLDER_REPO, commit: str = "", data: str = COM
         ('code', FOLDERS.format(backend=backend)),
         ('code', INSTALL.format(src='/kaggle/temp/car-kit-src', previous_pins=PREVIOUS_PINS)
          + ("\n" + TPU_INSTALL if tpu else "")),
-        ('code', HELPER + "\n" + HARDWARE_CELL.format(accelerator=accelerator, machine=machine)),
+        ('code', HELPER),
+        ('code', HARDWARE_CELL.format(accelerator=accelerator, machine=machine)),
         ('markdown', """The data is already attached: copy the CSVs and unpack the photos (no download, no credentials)."""),
         ('code', f"""kit('kit.download', '--from-dir', kaggle_input({data!r}))"""),
         ('code', f"""if PREVIOUS_RUN:
