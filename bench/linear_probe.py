@@ -28,7 +28,7 @@ STANFORD5 = ROOT.parent / "shared" / "real-cars" / "stanford5"
 
 def labelled_photos(folder: Path) -> tuple[list[Path], list[str]]:
     """Every image of folder/<class>/*, and its class."""
-    from kit.dataset import is_image
+    from kit.layout import is_image
 
     paths = sorted(p for p in folder.glob("*/*") if p.is_file() and is_image(p))
     return paths, [p.parent.name for p in paths]

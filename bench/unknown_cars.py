@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from linear_probe import ROOT  # puts the repository on the path
 
 from kit.config import PROFILES, Workdir
-from kit.dataset import read_index, scan_folder
+from kit.dataset import read_index
+from kit.layout import scan_folder
 from kit.pipeline import Uncached
 from kit.predict import learn_known, load_model, photo_features, weights_path
 

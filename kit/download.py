@@ -32,10 +32,10 @@ from tqdm.auto import tqdm
 
 from kit.cli import KitError, add_workdir, main_guard
 from kit.config import COMPETITION, PROFILES, SEED, Workdir
-from kit.dataset import (IMAGES, INDEX, Description, describe, find_split_root, is_verified, mark_unverified,
-                         read_description)
+from kit.dataset import IMAGES, Description, describe, is_verified, mark_unverified, read_description
 from kit.files import atomic_path
 from kit.kaggle_api import KaggleClient, kaggle_api, kaggle_errors, page_of
+from kit.layout import INDEX, find_split_root
 from kit.synthetic import write_synthetic
 
 # ---- getting the files ---------------------------------------------------------------------------

@@ -27,9 +27,10 @@ import numpy as np
 
 from kit import __version__
 from kit.cli import EXIT_DONE, KitError, add_workdir, main_guard
-from kit.dataset import UnreadableImage, load_resized, read_test, scan_folder
+from kit.dataset import UnreadableImage, load_resized, read_test
 from kit.files import atomic_path, write_text
 from kit.kaggle_api import kaggle_api
+from kit.layout import scan_folder
 from kit.novelty import KNOWN
 from kit.predict import (
     FEATURES_ONNX,

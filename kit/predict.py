@@ -31,10 +31,11 @@ from tqdm.auto import tqdm
 from kit import checkpoint
 from kit.cli import EXIT_STOPPED, KitError, add_cache_dir, add_workdir, main_guard
 from kit.config import FINAL_FIT_STEP, PROFILES, SEED, STEPS, TTA_VIEWS, VAL_FRACTION, Workdir, stage_of
-from kit.dataset import drop_unreadable, load_split, read_description, read_test, read_train, scan_folder
+from kit.dataset import drop_unreadable, load_split, read_description, read_test, read_train
 from kit.devices import cache_compilations, choose_precision
 from kit.files import sha256, write_text
 from kit.inference import VIEWS_PER_BATCH, Predictor, Subset, predict_labelled, score
+from kit.layout import scan_folder
 from kit.manifest import Manifest
 from kit.novelty import FEATURES_LAYER, KNOWN, Known, bank_rows, learn
 from kit.pipeline import DEFAULT_WORKERS, Uncached, open_cache, open_training_cache

@@ -22,7 +22,8 @@ import numpy as np
 from kit.cam import explain, overlay
 from kit.cli import EXIT_DONE, EXIT_STOPPED, KitError, add_workdir, main_guard
 from kit.config import FINAL_FIT_STEP, STEPS, Workdir
-from kit.dataset import load_resized, read_description, read_test, scan_folder
+from kit.dataset import load_resized, read_description, read_test
+from kit.layout import scan_folder
 from kit.files import write_text
 from kit.inference import Predictor, score
 from kit.manifest import read_log

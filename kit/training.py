@@ -7,16 +7,16 @@ the step fit() compiles without train_on_batch's per-call wait. Everything the l
 learning rate, plateau and early-stopping counters, best accuracy, history, running epoch
 metrics) is a LoopState saved with the weights and the optimizer in one atomic checkpoint.
 
-Reading order: the loop's state, what each phase costs, then `run_stage`, which checks it may
+Reading order: the loop's state, then `run_stage`, which checks it may
 start, prepares the data and the model, and then alternates training an epoch, validating it
 (kit.inference, the path kit.predict scores with) and saving; `run_all` chains the stages under
-one time budget. What is done lives in the manifest (kit.manifest), which the loop updates.
+one time budget (its clock is kit.timer). What is done lives in the manifest (kit.manifest), which the loop
+updates.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -41,10 +41,8 @@ from kit.pipeline import Batches, CacheIncomplete, cache_is_complete, labelled_p
 from kit.plots import plot_curves
 from kit.records import Execution, RunConfig, StagePlan
 from kit.tensorboard_log import LOG_EVERY, EventLog, TrainingWindow, forget_after
+from kit.timer import StopRequests, Timer, start_cost
 from kit.train_step import TrainStep
-
-SAVE_INTERVAL_S = 600  # a checkpoint about every 10 minutes of training unless --save-every says otherwise
-
 
 # ---- the loop's state ---------------------------------------------------------------------------
 
@@ -119,97 +117,7 @@ def after_epoch(state: LoopState, plan: StagePlan, val_accuracy: float) -> bool:
     return early["wait"] >= stage.early_stop_patience
 
 
-# ---- what each phase costs, learned across sessions -----------------------------------------------
-
-class Timer:
-    """Wall time across sessions, and what the next setup, step, validation and save will cost.
-
-    Costs are kept in the manifest by image size, so a new session (and `run_all`, before it
-    starts a stage) knows them before it has measured anything: the budget is honest from the
-    first batch, and a stage is not started when its set-up and first checkpoint do not fit.
-    """
-
-    def __init__(self, costs: dict, stage: Stage, budget_deadline: float):
-        self.costs, self.size, self.batch = costs, str(stage.image_size), stage.batch_size
-        self.deadline = budget_deadline
-        self.mark = self.last_save = time.monotonic()
-        known = costs.get("by_size", {}).get(self.size, {})
-        self.cost = {"setup": known.get("setup", 0.0), "validation": known.get("validation", 0.0),
-                     "save": costs.get("save", 5.0), "step": known.get("step_per_image", 0.0) * self.batch}
-
-    def note(self, what: str, seconds: float) -> None:
-        # Steps are many and alike: a running mean. The rest are rare: keep the recent worst, so the
-        # budget check errs on the side of stopping in time.
-        if what == "step":
-            self.cost[what] = seconds if not self.cost[what] else 0.9 * self.cost[what] + 0.1 * seconds
-        else:
-            self.cost[what] = max(seconds, 0.8 * self.cost[what])
-        by_size = self.costs.setdefault("by_size", {}).setdefault(self.size, {})
-        if what == "save":
-            self.costs["save"] = self.cost["save"]
-        elif what == "step":
-            by_size["step_per_image"] = self.cost["step"] / self.batch
-        else:
-            by_size[what] = self.cost[what]
-
-    def would_pass(self, what: str) -> bool:
-        """Would doing `what` and then saving overrun the deadline?"""
-        return time.time() + self.cost[what] + 2 * self.cost["save"] > self.deadline
-
-    def save_due(self, every: int | None, step: int) -> bool:
-        return step % every == 0 if every else time.monotonic() - self.last_save > SAVE_INTERVAL_S
-
-    def commit(self, state: LoopState) -> None:
-        now = time.monotonic()
-        state.wall_time_s += now - self.mark
-        self.mark = now
-
-
-def start_cost(workdir: Workdir, stage: Stage, costs: dict, split: Split, execution: Execution) -> float:
-    """Seconds stage `stage` needs, by what earlier sessions measured, to set up and save its first checkpoint.
-
-    0 for what was never measured: the first stage of a run always starts.
-    """
-    by_size = costs.get("by_size", {})
-    known = by_size.get(str(stage.image_size))
-    if known is None and by_size:  # a new size: scale the largest known one by the pixels
-        size = max(by_size, key=int)
-        ratio = (stage.image_size / int(size)) ** 2
-        known = {k: v * ratio for k, v in by_size[size].items()}
-    known = known or {}
-    images = len(split.train) + len(split.val)
-    cached = cache_is_complete(workdir.cache, "train", labelled_paths(split), stage.image_size)
-    cache = 0.0 if cached else images * costs.get("cache_image_s", 0)
-    step = known.get("step_per_image", 0.0) * stage.batch_size
-    steps_per_epoch = stage.steps_per_epoch or images // stage.batch_size
-    epoch = steps_per_epoch * step + known.get("validation", 0.0)
-    first = execution.save_every * step if execution.save_every else min(SAVE_INTERVAL_S, epoch)
-    return cache + known.get("setup", 0.0) + first + costs.get("save", 0.0)
-
-
 # ---- one stage ----------------------------------------------------------------------------------
-
-class _StopRequests:
-    """SIGINT/SIGTERM ask for a checkpoint at the next batch boundary instead of dying mid-step."""
-
-    def __init__(self):
-        self.requested = False
-
-    def __enter__(self):
-        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:  # a second Ctrl-C means now
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nstopping at the next batch with a checkpoint (press Ctrl-C again to abort without one)",
-              file=sys.stderr)
-
-    def __exit__(self, *exc):
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-
 
 @dataclass
 class ValidationSet:
@@ -238,7 +146,7 @@ def run_stage(manifest: Manifest, plan: StagePlan, config: RunConfig, execution:
     previous = check_can_start(manifest, plan, execution)
     costs = manifest.costs
     timer = Timer(costs, stage, execution.budget.deadline)
-    with _StopRequests() as stop_requests:
+    with StopRequests() as stop_requests:
         try:
             data = prepare_data(workdir, plan, config, execution, costs)
         except CacheIncomplete as why:
@@ -490,7 +398,7 @@ def _set_learning_rate(model: keras.Model, plan: StagePlan, state: LoopState) ->
 
 
 def train_epoch(model: keras.Model, step: TrainStep, data: StageData, state: LoopState, timer: Timer,
-                stop_requests: _StopRequests, execution: Execution, manifest: Manifest,
+                stop_requests: StopRequests, execution: Execution, manifest: Manifest,
                 setup_started: float | None, events: EventLog) -> bool:
     """Train from the state's position to the epoch's end; False when stopped first (budget or signal).
 
@@ -643,7 +551,7 @@ def _take_best_on_disk(workdir: Workdir, state: LoopState) -> None:
 def save_checkpoint(manifest: Manifest, model: keras.Model, state: LoopState, timer: Timer,
                     events: EventLog) -> None:
     started = time.monotonic()
-    timer.commit(state)
+    state.wall_time_s += timer.lap()
     folder = manifest.workdir.stage_dir(state.stage.step)
     checkpoint.save(folder / checkpoint.checkpoint_name(state.epoch, state.step), model, state.to_dict(),
                     model.optimizer)
@@ -670,7 +578,7 @@ def finish_stage(manifest: Manifest, state: LoopState, timer: Timer) -> str:
     stage, folder = state.stage, manifest.workdir.stage_dir(state.stage.step)
     if state.stopped_early:
         print(f"Stage {stage.step}: early stop, no improvement for {stage.early_stop_patience} epochs")
-    timer.commit(state)
+    state.wall_time_s += timer.lap()
     manifest.update(stage.step, costs=timer.costs, status="done", runtime=state.runtime,
                     best_val_accuracy=state.best_val_accuracy, best_epoch=state.best_epoch, epochs=len(state.history),
                     wall_time_s=state.wall_time_s, position=None, finished_at=time.strftime("%Y-%m-%d %H:%M:%S"),

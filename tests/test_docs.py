@@ -117,7 +117,7 @@ def test_notebook_is_valid_and_its_commands_parse(name):
 def test_readme_says_what_a_hard_kill_loses():
     """The first paragraph's promise follows the checkpoint interval, and the precision rule is Keras' own."""
     from kit.devices import precision_for
-    from kit.training import SAVE_INTERVAL_S
+    from kit.timer import SAVE_INTERVAL_S
 
     readme = " ".join((ROOT / "README.md").read_text().split())
     stages = " ".join((ROOT / "docs" / "stages.md").read_text().split())
