@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from kit.config import PROFILES
+from kit.config import DEFAULT_PROFILE, PROFILES
 from kit.files import LockHeld, WorkdirLock
 
 # The budget counts from here: every command imports this module before TensorFlow, the data or the model.
@@ -57,7 +57,7 @@ def add_workdir(parser: argparse.ArgumentParser) -> None:
         help="folder holding data/, weights/ and submissions/ (default: $KIT_WORKDIR or the current folder; "
         "on Colab, a folder on Google Drive)",
     )
-    parser.add_argument("--profile", choices=sorted(PROFILES), default="colab",
+    parser.add_argument("--profile", choices=sorted(PROFILES), default=DEFAULT_PROFILE,
                         help="colab: EfficientNetB6, the seven-stage recipe (default); modern: the recipe with AdamW; "
                              "cpu: EfficientNet-Lite0 (ImageNet weights from pip), the stages sized for a CPU; "
                              "smoke: tiny, synthetic, "

@@ -175,6 +175,7 @@ class Profile:
 # recipe"); the options are to be measured again pretrained, and this profile with them.
 MODERN_OPTIONS = TrainingOptions(weight_decay=0.05)
 
+DEFAULT_PROFILE = "colab"  # what --profile means when it is not given
 PROFILES: dict[str, Profile] = {
     "colab": Profile("colab", "efficientnet-b6", "imagenet", COLAB_STAGES),
     "modern": Profile("modern", "efficientnet-b6", "imagenet", COLAB_STAGES, options=MODERN_OPTIONS),
@@ -240,6 +241,7 @@ class Workdir:
         subdir = profile.subdir if profile is not None else ""
         if subdir:
             root = root / subdir
+        if profile is not None and profile.name != DEFAULT_PROFILE:  # a pasted hint trains the same stage table
             flags += ["--profile", profile.name]
         if path:
             flags += ["--workdir", str(path)]

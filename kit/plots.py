@@ -26,7 +26,8 @@ def plot_lr_sweep(rates: Sequence[float], losses: Sequence[float], suggestion: f
     ax.plot(rates, losses)
     ax.axvline(suggestion, color="tab:red", linestyle="--", label=f"suggestion: {suggestion:.1e}")
     ax.set_xscale("log")
-    ax.set_ylim(min(losses) * 0.95, max(losses[0], min(losses)) * 1.3)  # the divergence would flatten the rest
+    shown = losses[:-5] if len(losses) > 10 else losses  # the last points diverge and would flatten the rest
+    ax.set_ylim(min(losses) * 0.95, max(shown) * 1.05)
     ax.set_xlabel("learning rate (the head's; lower blocks follow --layer-decay)")
     ax.set_ylabel("training loss (smoothed)")
     ax.set_title(title, fontsize=10)
