@@ -22,7 +22,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from kit.cli import KitError
 from kit.config import COMPETITION, COMPETITION_CLASSES, SEED, VAL_FRACTION, Workdir
-from kit.files import write_text
+from kit.files import sha256, write_bytes, write_text
 from kit.layout import INDEX, folder_index, table_index
 
 DESCRIPTION = "dataset.json"  # written last, once the layout is verified: the data is complete once it exists
@@ -376,6 +376,15 @@ def read_pseudo_labels(path: Path, workdir: Workdir) -> pd.DataFrame:
     rows = test.loc[table.Id]
     return pd.DataFrame({"Id": table.Id.to_numpy(), "Category": table["class"].map(number).to_numpy(int),
                          "subset": "pseudo", "path": rows.path.to_numpy()})
+
+
+def keep_pseudo_labels(workdir: Workdir, source: Path) -> None:
+    """Copy the list into the run (once, when it starts), after checking it fits this dataset."""
+    if workdir.pseudo_labels.is_file() and sha256(workdir.pseudo_labels) == sha256(source):
+        return  # the run's own copy (run_config has refused any other list once the run started)
+    rows = read_pseudo_labels(source, workdir)
+    write_bytes(workdir.pseudo_labels, source.read_bytes())
+    print(f"Training on {len(rows)} pseudo-labelled test photos as well ({source}; kept as {workdir.pseudo_labels})")
 
 
 def class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:

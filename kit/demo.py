@@ -23,7 +23,7 @@ import numpy as np
 from kit.cli import add_workdir, main_guard
 from kit.config import COMPETITION_CLASSES, TTA_VIEWS, Workdir
 from kit.dataset import UnreadableImage, is_verified, load_resized, read_index
-from kit.predict import LoadedModel, Predictor, add_model_options, learn_known, model_from_args, photo_features
+from kit.predict import LoadedModel, Predictor, add_model_options, learn_known, model_from_args
 
 MAX_UPLOAD = "20mb"
 TOP_CLASSES = 5
@@ -79,12 +79,17 @@ def build_demo(loaded: LoadedModel, tta: int = TTA_VIEWS, examples: Sequence[Pat
         """Top car models for the photo; a headline instead of the first where it is none of them."""
         if photo is None:
             raise gr.Error("Upload a photo of a car first.", print_exception=False)
+        predictor = augmented if use_tta else single
         try:
-            ranked = (augmented if use_tta else single).rank(photo)
-            known = loaded.known is None or is_known(loaded, load_resized(photo, single.short_side))
+            image = load_resized(photo, single.short_side)  # decoded once, for the answer and the novelty check
         except UnreadableImage as error:
             raise gr.Error(f"This file could not be read as a photo ({error}). Upload a JPEG, PNG or WebP "
                            "picture of a car.", print_exception=False) from None
+        if loaded.known is None:
+            ranked, known = predictor.ranking(predictor.predict_views(predictor.views_of(image, "upload"))[0]), True
+        else:  # kit.novelty, on the plain view of the same batch
+            probs, features, plain, _ = predictor.describe_many([image], ["upload"])
+            ranked, known = predictor.ranking(probs[0]), bool(loaded.known.is_known(features, plain)[0])
         confidences = dict(ranked[:TOP_CLASSES])
         return confidences if known else {"headline": unknown_headline(loaded.classes), "confidences": confidences}
 
@@ -131,12 +136,6 @@ def what_it_knows(classes: Sequence[str], shown: int = 12) -> str:
         return "a sale ad's Lada models, Ford Focus or VW Passat."
     names = ", ".join(classes[:shown])
     return f"one of {len(classes)} models ({names}{', ...' if len(classes) > shown else ''})."
-
-
-def is_known(loaded: LoadedModel, image: np.ndarray) -> bool:
-    """Is the photo one of the cars the model was taught (kit.novelty, on its plain view)?"""
-    features, probs = photo_features(loaded, [image], ["upload"])
-    return bool(loaded.known.is_known(features, probs)[0])
 
 
 def example_photos(workdir: Workdir, shown: int = EXAMPLES) -> list[Path]:

@@ -66,7 +66,9 @@ class Predictor:
 
     def rank(self, source: str | Path | Image.Image, key: str = "upload") -> list[tuple[str, float]]:
         """Every car model with its probability, most likely first: the kit's answer for one photo."""
-        probs = self.predict_image(source, key)
+        return self.ranking(self.predict_image(source, key))
+
+    def ranking(self, probs: np.ndarray) -> list[tuple[str, float]]:
         return [(self.loaded.classes[k], float(probs[k])) for k in np.argsort(-probs, kind="stable")]
 
     def predict_many(self, images, keys: Sequence[str], progress: bool = True,
@@ -76,31 +78,59 @@ class Predictor:
         Returns the probabilities (NaN rows for unreadable images) and {key: why} for those; with
         `each_view`, (images, views, classes): view 0, the plain one, is the prediction without TTA.
         """
-        per_batch = max(1, self.batch_views // self.views)
-        chunks = [range(start, min(start + per_batch, len(keys))) for start in range(0, len(keys), per_batch)]
         probs = np.full((len(keys), *([self.views] if each_view else []), len(self.loaded.classes)), np.nan)
         unreadable: dict[str, str] = {}
+        bar = f"predicting (TTA {self.views})" if progress else ""
+        for rows, views, pad_to in self._decoded(images, keys, bar, unreadable):
+            probs[rows] = self.predict_views(views, pad_to=pad_to, each_view=each_view)
+        return probs, unreadable
+
+    def describe_many(self, images, keys: Sequence[str],
+                      progress: str = "") -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, str]]:
+        """The TTA probabilities, and each photo's plain view's head features and probabilities (what kit.novelty
+        judges), from one decode and one pass per batch; NaN rows and {key: why} for unreadable photos.
+
+        The features come from `loaded.features` (the head's layer as a model of its own) on view 0 of
+        each photo, the view that predicts without TTA. `progress`: the progress bar's words ("": none).
+        """
+        probs = np.full((len(keys), len(self.loaded.classes)), np.nan)
+        plain, features, unreadable = probs.copy(), None, {}
+        for rows, views, pad_to in self._decoded(images, keys, progress, unreadable):
+            each = self.predict_views(views, pad_to=pad_to, each_view=True)
+            probs[rows], plain[rows] = each.mean(axis=1), each[:, 0]
+            firsts = views[::self.views]
+            padded = np.concatenate([firsts, np.zeros((pad_to // self.views - len(firsts), *firsts.shape[1:]),
+                                                      firsts.dtype)])  # one shape: one compiled program
+            out = np.asarray(self.loaded.features.predict_on_batch(padded), np.float32)[:len(firsts)]
+            if features is None:
+                features = np.full((len(keys), out[0].size), np.nan, np.float32)
+            features[rows] = out.reshape(len(firsts), -1)
+        return probs, np.zeros((len(keys), 0), np.float32) if features is None else features, plain, unreadable
+
+    def _decoded(self, images, keys: Sequence[str], progress: str, unreadable: dict[str, str]):
+        """(rows, their views, the batch's full size) per batch of whole photos, decoded and augmented by the
+        workers in order; photos that cannot be read go into `unreadable`, with why."""
+        per_batch = max(1, self.batch_views // self.views)
+        chunks = [range(start, min(start + per_batch, len(keys))) for start in range(0, len(keys), per_batch)]
         local = threading.local()  # one pair of transforms per thread: reseeding a shared one would race
 
         def prepare(chunk: range) -> tuple[list[int], np.ndarray | None, int]:
             if not hasattr(local, "transforms"):
                 local.transforms = (plain_transform(self.loaded.image_size), tta_transform(self.loaded.image_size))
-            transforms = local.transforms
             rows, stacks = [], []
             for i in chunk:
                 try:
-                    stacks.append(self.views_of(images[i], keys[i], transforms))
+                    stacks.append(self.views_of(images[i], keys[i], local.transforms))
                     rows.append(i)
                 except UnreadableImage as error:
                     unreadable[keys[i]] = str(error)
             return rows, np.concatenate(stacks) if stacks else None, len(chunk)
 
-        with tqdm(total=len(keys), desc=f"predicting (TTA {self.views})", disable=not progress, mininterval=1.0) as bar:
+        with tqdm(total=len(keys), desc=progress, disable=not progress, mininterval=1.0) as bar:
             for rows, views, done in ordered_map(prepare, chunks, self.workers):
                 if views is not None:
-                    probs[rows] = self.predict_views(views, pad_to=per_batch * self.views, each_view=each_view)
+                    yield rows, views, per_batch * self.views
                 bar.update(done)
-        return probs, unreadable
 
 
 class Subset:

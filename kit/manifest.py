@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -20,11 +22,20 @@ from tqdm.auto import tqdm
 
 from kit import checkpoint
 from kit.cli import KitError
-from kit.config import FINAL_FIT_STEP, Stage, Workdir
+from kit.config import FINAL_FIT_STEP, STEPS, Profile, Stage, Workdir
 from kit.files import atomic_path, write_text
-from kit.records import RunConfig, StageRecord
+from kit.records import Execution, Requested, RunConfig, StagePlan, StageRecord, final_fit_plan, stage_plan
+from kit.tensorboard_log import forget_after
 
 BEST = "best.weights.npz"
+
+
+@dataclass(frozen=True)
+class Beginning:
+    """What a stage that starts needs to know of the stages before it, handed over when it is recorded."""
+
+    images_seen: int  # training images of the stages before: where its curves start
+    unfreezes: bool  # does it train more of the backbone than its starting weights were? (the warm-up's cue)
 
 
 class Manifest:
@@ -109,11 +120,6 @@ class Manifest:
             self.costs = costs
         self.save()
 
-    def set_config_once(self, config: RunConfig) -> None:
-        if self.config is None:
-            self.config = dataclasses.asdict(config)
-            self.save()
-
     def best_weights(self, step: int) -> Path:
         return best_weights(self.workdir, step)
 
@@ -137,6 +143,67 @@ class Manifest:
             return {"stage": record.settings, "class_weights": False}
         return None
 
+    def begin(self, plan: StagePlan, config: RunConfig, resuming: bool, restart: bool) -> Beginning:
+        """A stage runs: --restart's discard first, then the start recorded (a resume: marked as running again,
+        so a kill now is no clean stop). Called once every check has passed and the data is ready."""
+        step = plan.stage.step
+        seen = self.images_seen_before(step)
+        if restart:
+            self._discard(step, seen)
+        if resuming:
+            self.update(step, stopped=None)
+        else:
+            if self.config is None:
+                self.config = dataclasses.asdict(config)
+            self.update(step, status="running", plan=plan.to_dict(), position=None,
+                        started_at=time.strftime("%Y-%m-%d %H:%M:%S"), stopped=None)
+        start = plan.final_fit.replays if plan.final_fit else step  # the stage whose starting weights it takes
+        before = self.record(start - 1).stage_plan
+        return Beginning(seen, plan.stage.trainable > (before.stage.trainable if before else 0.0))
+
+    def stop(self, step: int, why: str, where: str = "") -> str:
+        """A clean stop, recorded as one: the same command, run again, continues the stage (exit code 3's promise)."""
+        self.update(step, stopped=why)
+        print(f"Stage {step}: stopped for {why}{where}. Run the same command again to continue (or "
+              f"'{self.workdir.command('kit.stage', *stage_args(step), '--resume')}'"
+              f"{'' if step == FINAL_FIT_STEP else ', or --all'}).")
+        return "stopped"
+
+    def _discard(self, step: int, seen_before: int) -> None:
+        """--restart: drop stage `step`'s run and every later stage's (done or interrupted), all trained from it."""
+        later = self.later_steps(step)
+        forget_after(self.workdir.tensorboard, seen_before)
+        for s in [step, *later]:
+            self.forget(s)
+        if later:
+            print(f"note: stages {', '.join(map(str, later))} were trained from the old stage {step}; discarded too")
+        self.save()
+
+    def plan_for(self, step: int, profile: Profile, requested: Requested, execution: Execution) -> StagePlan:
+        """Stage `step`'s plan as the command asks (FINAL_FIT_STEP: the final fit's), and whether it resumes.
+
+        The saved plan where the stage has begun, unless --restart; else the table's row with the
+        overrides (the final fit: the last stage's plan, replayed). --resume of a stage never started
+        starts it; a stage the kit itself stopped (exit 3) resumes unasked, so the same command continues it.
+        """
+        status = self.status(step)
+        if execution.resume and status == "not started":
+            if step != FINAL_FIT_STEP:
+                print(f"Stage {step} has no interrupted run to resume; starting it.")
+            execution.resume = False
+        if status == "interrupted" and not execution.restart and self.stopped_cleanly(step):
+            execution.resume = True
+        saved = None if execution.restart else self.saved_plan(step)
+        if step == FINAL_FIT_STEP:
+            return final_fit_plan(saved, self.record(STEPS[-1]), read_log(self.workdir, STEPS[-1]), requested,
+                                  self.workdir)
+        return stage_plan(saved, profile, step, requested, self.workdir)
+
+    def plans_for_all(self, profile: Profile, requested: Requested) -> list[StagePlan]:
+        """Each stage's plan for --all: the saved one where the stage has started, else the table's row."""
+        return [stage_plan(self.saved_plan(stage.step), profile, stage.step, requested, self.workdir)
+                for stage in profile.stages]
+
     def stopped_cleanly(self, step: int) -> bool:
         """Was stage `step` last stopped by the kit itself (budget, signal), not killed or crashed?"""
         return bool(self.record(step).stopped)
@@ -144,11 +211,6 @@ class Manifest:
     def images_seen_before(self, step: int) -> int:
         """Training images the run saw in the stages before `step`: where stage `step`'s curves start."""
         return max((r.images_seen or 0 for s, r in self.stages.items() if s < step), default=0)
-
-    def trainable_before(self, step: int) -> float:
-        """The share of the backbone the weights stage `step` starts from were trained with (0 before stage 1)."""
-        plan = self.record(step - 1).stage_plan
-        return plan.stage.trainable if plan else 0.0
 
     def named_files(self) -> list[Path]:
         """The files the record says the run holds: each done stage's best weights, an interrupted one's newest

@@ -20,13 +20,12 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from kit import checkpoint
 from kit.cli import EXIT_STOPPED, KitError, add_cache_dir, add_workdir, main_guard
@@ -165,16 +164,11 @@ def load_onnx(path: Path) -> LoadedModel:
 
 def photo_features(loaded: LoadedModel, images, keys: Sequence[str], progress: str = "") -> tuple[np.ndarray,
                                                                                                 np.ndarray]:
-    """The head's features and the class probabilities of each image's plain view (what kit.novelty judges)."""
-    predictor, features, probs = Predictor(loaded, 1), [], []
-    with tqdm(total=len(keys), desc=progress, disable=not progress, mininterval=1.0) as bar:
-        for start in range(0, len(keys), VIEWS_PER_BATCH):
-            views = np.concatenate([predictor.views_of(images[i], keys[i])
-                                    for i in range(start, min(start + VIEWS_PER_BATCH, len(keys)))])
-            features.append(np.asarray(loaded.features.predict_on_batch(views), np.float32).reshape(len(views), -1))
-            probs.append(np.asarray(loaded.model.predict_on_batch(views), np.float64))
-            bar.update(len(views))
-    return np.concatenate(features), np.concatenate(probs)
+    """The head's features and the class probabilities of each readable image's plain view (what kit.novelty
+    judges), in order; an image that cannot be read is left out."""
+    _, features, plain, unreadable = Predictor(loaded, 1).describe_many(images, keys, progress)
+    readable = [key not in unreadable for key in keys]
+    return features[readable], plain[readable]
 
 
 def learn_known(workdir: Workdir, loaded: LoadedModel) -> Known | None:
@@ -382,15 +376,18 @@ def predict_folder(folder: Path, loaded: LoadedModel, out: Path, tta: int = TTA_
         raise KitError(f"No photos (.jpg, .png, .webp, ...) were found under {folder}.")
     keys = [p.relative_to(folder).as_posix() for p in photos]
     # Decoded once each, uncached: a folder is predicted once, so a cache would not pay off.
-    probs, unreadable = Predictor(loaded, tta, seed, workers, batch_views).predict_many(
-        Uncached([str(p) for p in photos], loaded.image_size), keys)
-    table = predictions_table(keys, probs, loaded.classes, "path")
-    if loaded.known is not None:  # kit.novelty: is it one of the cars the model was taught?
+    predictor, images = Predictor(loaded, tta, seed, workers, batch_views), Uncached([str(p) for p in photos],
+                                                                                     loaded.image_size)
+    if loaded.known is None:
+        probs, unreadable = predictor.predict_many(images, keys)
+        table = predictions_table(keys, probs, loaded.classes, "path")
+    else:  # kit.novelty too: is it one of the cars the model was taught? (from the same decode and views)
+        probs, features, plain, unreadable = predictor.describe_many(images, keys,
+                                                                     f"predicting (TTA {predictor.views})")
+        table = predictions_table(keys, probs, loaded.classes, "path")
         readable = [i for i, key in enumerate(keys) if key not in unreadable]
-        features, plain = photo_features(loaded, Uncached([str(photos[i]) for i in readable], loaded.image_size),
-                                         [keys[i] for i in readable])
         known = pd.Series(pd.NA, index=table.index, dtype="boolean")
-        known.iloc[readable] = loaded.known.is_known(features, plain)
+        known.iloc[readable] = loaded.known.is_known(features[readable], plain[readable])
         table.insert(3, "known", known)
     write_text(out, table.to_csv(index=False))
     return table, unreadable

@@ -225,10 +225,10 @@ def run_config(saved: dict | None, profile: Profile, requested: Requested, workd
 
 def stage_plan(saved: dict | None, profile: Profile, step: int, requested: Requested, workdir: Workdir) -> StagePlan:
     """Stage `step`'s plan: the saved one once it has started, else the table with the requested overrides."""
-    if saved is None:
-        return StagePlan(override_stage(stage_of(profile, step), **requested.stage_overrides),
-                         bool(requested.class_weights), dataclasses.replace(profile.options, **requested.options))
-    return resumed_plan(saved, step, requested, workdir)
+    if saved is not None:
+        return resumed_plan(saved, step, requested, workdir)
+    return StagePlan(override_stage(stage_of(profile, step), **requested.stage_overrides),
+                     bool(requested.class_weights), dataclasses.replace(profile.options, **requested.options))
 
 
 def resumed_plan(saved: dict, step: int, requested: Requested, workdir: Workdir) -> StagePlan:

@@ -8,7 +8,7 @@
     python -m kit.stage --final-fit          # the last stage again on training + validation images
     python -m kit.stage --rebuild-record     # weights/state.json lost or damaged: rebuilt from the stage folders
 
-Training options beyond the 2021 recipe (each off unless given, or unless --profile modern):
+Training options beyond the 2021 recipe (each off unless given; the profiles freeze BatchNorm, --bn train):
 --label-smoothing, --ema, --schedule cosine --warmup-epochs, --mixup, --cutmix, --weight-decay, --bn,
 --layer-decay, --unfreeze-warmup. --find-lr with --step sweeps the stage's learning rate and plots it.
 --pseudo-labels FILE trains a new run on test photos labelled by kit.pseudo as well.
@@ -25,17 +25,17 @@ Exit codes: 0 done, 3 stopped with a checkpoint (run the same command again), 2 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from kit.cli import EXIT_DONE, EXIT_STOPPED, KitError, add_cache_dir, add_workdir, main_guard, workdir_lock
 from kit.config import BATCHNORM, FINAL_FIT_STEP, PROFILES, SCHEDULES, STEPS, Profile, TrainingOptions, Workdir
-from kit.dataset import parse_fold, read_description, read_pseudo_labels
+from kit.dataset import keep_pseudo_labels, parse_fold, read_description
 from kit.devices import ALL, choose_count, device_names, keep_gpu_autotuning, request_cpu_devices, request_determinism
-from kit.files import sha256, write_bytes
-from kit.manifest import Manifest, copy_run, read_log, status_table
+from kit.files import sha256
+from kit.manifest import Manifest, copy_run, status_table
 from kit.pipeline import DEFAULT_WORKERS
-from kit.records import Budget, Execution, Requested, RunConfig, StagePlan, final_fit_plan, run_config, stage_plan
+from kit.records import Budget, Execution, Requested, RunConfig, StagePlan, run_config, stage_plan
 
 STAGE_OVERRIDES = ("image_size", "batch_size", "lr", "epochs", "steps_per_epoch")
 
@@ -58,7 +58,7 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
                          help="also train on the test photos this list labels (written by kit.pseudo); fixed "
                               "when the run starts, never used for validation")
     options = parser.add_argument_group("training options beyond the recipe (each kept by a stage from its start; "
-                                        "default: the profile's, off except in --profile modern)")
+                                        "default: the profile's: off, BatchNorm frozen)")
     options.add_argument("--label-smoothing", type=float, metavar="EPS", help="spread EPS of each target over all "
                                                                               "classes (e.g. 0.1)")
     options.add_argument("--ema", type=float, metavar="MOMENTUM",
@@ -142,8 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def requested_from(args: argparse.Namespace) -> Requested:
+    """What the flags ask the run to learn, checked before anything starts."""
+    options = training_options(args)
     overrides = {name: getattr(args, name, None) for name in STAGE_OVERRIDES}
     check_stage_overrides(overrides)
+    given = [f"--{k.replace('_', '-')}" for k, v in overrides.items() if v is not None]
+    if given and args.all:
+        raise KitError(f"{', '.join(given)} change one stage's row: use them with --step N, not --all.")
     if args.fold:
         parse_fold(args.fold)  # a typo is refused before anything starts
     pseudo = None
@@ -154,7 +159,7 @@ def requested_from(args: argparse.Namespace) -> Requested:
         pseudo = sha256(args.pseudo_labels)
     return Requested(backbone=args.backbone, weights=args.weights, seed=args.seed, val_fraction=args.val_fraction,
                      fold=args.fold, class_weights=args.class_weights, pseudo_labels=pseudo,
-                     stage_overrides=overrides, options=training_options(args))
+                     stage_overrides=overrides, options=options)
 
 
 # The smallest value each stage setting takes: checked when parsed, so a bad one is never saved into a stage's plan.
@@ -211,37 +216,23 @@ def prepare_devices(args: argparse.Namespace, workdir: Workdir) -> None:
     keep_gpu_autotuning(workdir.compiled / "autotune")
 
 
-def plans_for_all(manifest: Manifest, profile: Profile, requested: Requested) -> list[StagePlan]:
-    """Each stage's plan: the saved one where the stage has started, else the table's row."""
-    return [stage_plan(manifest.saved_plan(stage.step), profile, stage.step, requested, manifest.workdir)
-            for stage in profile.stages]
-
-
 def train(workdir: Workdir, profile: Profile, args: argparse.Namespace) -> str:
-    """Run what the flags ask (--step N or --all) under the work directory's lock; 'done' or 'stopped'."""
+    """Run what the flags ask (--step N, --all, --final-fit) under the work directory's lock; 'done' or 'stopped'."""
     from kit import training  # late: it loads Keras, which prepare_devices must configure first
 
-    requested = requested_from(args)
+    requested, execution = requested_from(args), execution_from(args)
     with workdir_lock(workdir, "training run"):
         manifest = Manifest.read(workdir)  # read once: the loop updates it and writes it through itself
         config = run_config(manifest.config, profile, requested, workdir, read_description(workdir).classes)
         if args.pseudo_labels is not None:
             keep_pseudo_labels(workdir, args.pseudo_labels)
-        execution = execution_from(args)
-        if getattr(args, "final_fit", False):
-            return training.run_stage(manifest, final_fit_plan_for(manifest, requested, execution), config,
-                                      execution)
         if args.all:
-            given = [f"--{k.replace('_', '-')}" for k, v in requested.stage_overrides.items() if v is not None]
-            if given:
-                raise KitError(f"{', '.join(given)} change one stage's row: use them with --step N, not --all.")
-            return training.run_all(manifest, plans_for_all(manifest, profile, requested), config, execution)
+            return training.run_all(manifest, manifest.plans_for_all(profile, requested), config, execution)
         if getattr(args, "find_lr", False):
             return find_lr(manifest, stage_plan(None, profile, args.step, requested, workdir), config, execution)
-        continue_as_asked(manifest, args.step, execution)
-        saved = None if execution.restart else manifest.saved_plan(args.step)
-        plan = stage_plan(saved, profile, args.step, requested, workdir)
-        return training.run_stage(manifest, plan, config, execution)
+        step = FINAL_FIT_STEP if getattr(args, "final_fit", False) else args.step
+        return training.run_stage(manifest, manifest.plan_for(step, profile, requested, execution), config,
+                                  execution)
 
 
 def find_lr(manifest: Manifest, plan: StagePlan, config: RunConfig, execution: Execution) -> str:
@@ -255,34 +246,6 @@ def find_lr(manifest: Manifest, plan: StagePlan, config: RunConfig, execution: E
           f"with it: '{manifest.workdir.command('kit.stage', '--step', str(step), '--lr', f'{sweep.suggestion:.1e}')}'"
           f"{' (with --restart: the stage has begun)' if manifest.status(step) != 'not started' else ''}.")
     return "done"
-
-
-def continue_as_asked(manifest: Manifest, step: int, execution: Execution) -> None:
-    """--resume of a stage never started starts it; a stage the kit itself stopped (exit 3) resumes unasked."""
-    status = manifest.status(step)
-    if execution.resume and status == "not started":
-        if step != FINAL_FIT_STEP:
-            print(f"Stage {step} has no interrupted run to resume; starting it.")
-        execution.resume = False
-    if status == "interrupted" and not execution.restart and manifest.stopped_cleanly(step):
-        execution.resume = True  # the same command continues it
-
-
-def keep_pseudo_labels(workdir: Workdir, source: Path) -> None:
-    """Copy the list into the run (once, when it starts), after checking it fits this dataset."""
-    if workdir.pseudo_labels.is_file() and sha256(workdir.pseudo_labels) == sha256(source):
-        return  # the run's own copy (run_config has refused any other list once the run started)
-    rows = read_pseudo_labels(source, workdir)
-    write_bytes(workdir.pseudo_labels, source.read_bytes())
-    print(f"Training on {len(rows)} pseudo-labelled test photos as well ({source}; kept as {workdir.pseudo_labels})")
-
-
-def final_fit_plan_for(manifest: Manifest, requested: Requested, execution: Execution) -> StagePlan:
-    """The final fit's plan (stage FINAL_FIT_STEP): its saved one, or the last stage's, replayed."""
-    continue_as_asked(manifest, FINAL_FIT_STEP, execution)
-    saved = None if execution.restart else manifest.saved_plan(FINAL_FIT_STEP)
-    return final_fit_plan(saved, manifest.record(STEPS[-1]), read_log(manifest.workdir, STEPS[-1]), requested,
-                          manifest.workdir)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -31,7 +31,7 @@ from kit import checkpoint, recipe
 from kit.augment import train_transform
 from kit.backbones import block_depths, build_model, set_trainable
 from kit.cli import KitError
-from kit.config import FINAL_FIT_STEP, Stage, Workdir
+from kit.config import Stage, Workdir
 from kit.dataset import Split, class_weights, drop_unreadable, load_split, read_test
 from kit.devices import Parallel, cache_compilations, choose_precision, describe_device, jit_compile
 from kit.files import write_text
@@ -40,7 +40,7 @@ from kit.manifest import BEST, Manifest, best_weights, stage_args, status_table
 from kit.pipeline import Batches, CacheIncomplete, cache_is_complete, labelled_paths, open_training_cache
 from kit.plots import plot_curves
 from kit.records import Execution, RunConfig, StagePlan
-from kit.tensorboard_log import LOG_EVERY, EventLog, TrainingWindow, forget_after
+from kit.tensorboard_log import LOG_EVERY, EventLog, TrainingWindow
 from kit.timer import StopRequests, Timer, start_cost
 from kit.train_step import TrainStep
 
@@ -85,7 +85,7 @@ class LoopState:
         self.images_seen += images
 
     @classmethod
-    def from_dict(cls, saved: dict) -> "LoopState":
+    def from_dict(cls, saved: dict) -> LoopState:
         if "plan" not in saved:  # format 1 kept the stage row alone
             saved = {**saved, "plan": {"stage": saved["stage"], "class_weights": False}}
         names = {f.name for f in dataclasses.fields(cls)}
@@ -151,23 +151,17 @@ def run_stage(manifest: Manifest, plan: StagePlan, config: RunConfig, execution:
             data = prepare_data(workdir, plan, config, execution, costs)
         except CacheIncomplete as why:
             if previous is None and not execution.restart:  # begun: --all and a resume keep this plan
-                _record_start(manifest, plan, config)
-            return _stopped(manifest, stage.step, str(why))
+                manifest.begin(plan, config, resuming=False, restart=False)
+            return manifest.stop(stage.step, str(why))
         # Only now, with every check passed and the data ready, is an old run of the stage given up.
-        if execution.restart:
-            _discard(manifest, stage.step)
-        if previous is None:
-            _record_start(manifest, plan, config)
-        else:
-            manifest.update(stage.step, stopped=None)  # running again: a kill now is no clean stop
+        begun = manifest.begin(plan, config, resuming=previous is not None, restart=execution.restart)
         if stop_requests.requested or timer.would_pass("setup"):
             why = "a stop request" if stop_requests.requested else "the time budget (the model's set-up would not fit)"
-            return _stopped(manifest, stage.step, why)
+            return manifest.stop(stage.step, why)
         setup_started = time.monotonic()
-        model, state, parallel = prepare_model(workdir, plan, config, execution, previous, data,
-                                               unfreezes(manifest, plan))
+        model, state, parallel = prepare_model(workdir, plan, config, execution, previous, data, begun.unfreezes)
         if not previous:
-            state.images_seen = manifest.images_seen_before(stage.step)
+            state.images_seen = begun.images_seen
         step, events = TrainStep(model, parallel), EventLog(workdir.tensorboard)
         print(f"Stage {stage.step}{_final_fit_note(plan)}: {config.backbone} at {stage.image_size} px, batch "
               f"{stage.batch_size}, lr {state.lr:.2g}, {stage.describe_trainable()}, {state.runtime['precision']}"
@@ -186,19 +180,14 @@ def run_stage(manifest: Manifest, plan: StagePlan, config: RunConfig, execution:
                 if not finished or timer.would_pass("validation"):
                     why = "a stop request" if stop_requests.requested else "the time budget"
                     save_checkpoint(manifest, model, state, timer, events)
-                    return _stopped(manifest, stage.step, why, state)
+                    return manifest.stop(stage.step, why, f" at epoch {state.epoch + 1}, step {state.step}, with a "
+                                                          "checkpoint")
                 validate_epoch(workdir, model, parallel, data, state, timer, events)
                 save_checkpoint(manifest, model, state, timer, events)
         finally:
             events.close()
             parallel.close()
     return finish_stage(manifest, state, timer)
-
-
-def _record_start(manifest: Manifest, plan: StagePlan, config: RunConfig) -> None:
-    manifest.set_config_once(config)
-    manifest.update(plan.stage.step, status="running", plan=plan.to_dict(), position=None,
-                    started_at=time.strftime("%Y-%m-%d %H:%M:%S"), stopped=None)
 
 
 def _final_fit_note(plan: StagePlan) -> str:
@@ -307,12 +296,6 @@ def prepare_data(workdir: Workdir, plan: StagePlan, config: RunConfig, execution
     weights = class_weights(train.Category.to_numpy(), len(config.classes)) if plan.class_weights else None
     mix = recipe.BatchMixer(plan.options, len(config.classes), config.seed, stage.step)
     return StageData(train_batches, val_set, weights, mix, len(train), len(val))
-
-
-def unfreezes(manifest: Manifest, plan: StagePlan) -> bool:
-    """Does the stage train more of the backbone than the weights it starts from were? (Its warm-up's cue.)"""
-    start = plan.final_fit.replays if plan.final_fit else plan.stage.step
-    return plan.stage.trainable > manifest.trainable_before(start)
 
 
 def prepare_model(workdir: Workdir, plan: StagePlan, config: RunConfig, execution: Execution, previous,
@@ -499,7 +482,7 @@ class _Trained:
     classes: tuple[str, ...]
 
     @property
-    def model(self) -> "_Trained":
+    def model(self) -> _Trained:
         return self
 
     def predict_on_batch(self, views: np.ndarray) -> np.ndarray:
@@ -564,16 +547,6 @@ def save_checkpoint(manifest: Manifest, model: keras.Model, state: LoopState, ti
                     epochs=len(state.history), wall_time_s=state.wall_time_s, images_seen=state.images_seen)
 
 
-def _stopped(manifest: Manifest, step: int, why: str, state: LoopState | None = None) -> str:
-    """A clean stop, recorded as one: the same command, run again, continues the stage (exit code 3's promise)."""
-    manifest.update(step, stopped=why)
-    where = f" at epoch {state.epoch + 1}, step {state.step}, with a checkpoint" if state else ""
-    print(f"Stage {step}: stopped for {why}{where}. Run the same command again to continue (or "
-          f"'{manifest.workdir.command('kit.stage', *stage_args(step), '--resume')}'"
-          f"{'' if step == FINAL_FIT_STEP else ', or --all'}).")
-    return "stopped"
-
-
 def finish_stage(manifest: Manifest, state: LoopState, timer: Timer) -> str:
     stage, folder = state.stage, manifest.workdir.stage_dir(state.stage.step)
     if state.stopped_early:
@@ -600,17 +573,6 @@ def _write_log(folder: Path, step: int, history: list[dict]) -> None:
                                             for c in columns) for row in history]
     write_text(folder / "log.csv", "\n".join(lines) + "\n")
     plot_curves({f"stage {step}": history}, folder / "curves.png")
-
-
-def _discard(manifest: Manifest, step: int) -> None:
-    """--restart: drop stage `step`'s run and every later stage's (done or interrupted), all trained from it."""
-    later = manifest.later_steps(step)
-    forget_after(manifest.workdir.tensorboard, manifest.images_seen_before(step))
-    for s in [step, *later]:
-        manifest.forget(s)
-    if later:
-        print(f"note: stages {', '.join(map(str, later))} were trained from the old stage {step}; discarded too")
-    manifest.save()
 
 
 def run_all(manifest: Manifest, plans: list[StagePlan], config: RunConfig, execution: Execution) -> str:

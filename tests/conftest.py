@@ -244,3 +244,12 @@ def small_synthetic(root: Path, per_class: int = 8, test: int = 6, size: tuple[i
     workdir = Workdir(root)
     write_synthetic(workdir, per_class=per_class, test=test, size=size, **kwargs)
     return workdir
+
+
+def first_known(loaded, paths: list[Path]) -> Path:
+    """The first photo the model counts as one of the cars it was taught (kit.novelty on its plain view)."""
+    from kit.pipeline import Uncached  # late: conftest imports nothing of the kit before pytest_configure has run
+    from kit.predict import photo_features
+
+    features, plain = photo_features(loaded, Uncached(list(map(str, paths)), loaded.image_size), list(map(str, paths)))
+    return paths[list(loaded.known.is_known(features, plain)).index(True)]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import first_known
 from kit.config import COMPETITION_CLASSES, Workdir
 from kit.predict import load_model, weights_path
 
@@ -91,14 +92,12 @@ def test_upload_a_photo_and_read_the_top_label(browser, smoke_run, real_photos, 
     """A picture like the ones it was taught gets its class; a real car, which the smoke model never saw (it
     learnt synthetic pictures), gets the page's "not one of the models it knows"."""
     from kit import demo
-    from kit.dataset import load_resized
     from kit.predict import learn_known
 
     workdir = Workdir(smoke_run)
     loaded = load_model(weights_path(workdir))
     assert learn_known(workdir, loaded) is not None
-    side = demo.Predictor(loaded, 1).short_side
-    taught = next(p for p in sorted(workdir.test_dir.iterdir()) if demo.is_known(loaded, load_resized(p, side)))
+    taught = first_known(loaded, sorted(workdir.test_dir.iterdir()))
     page = demo.build_demo(loaded, tta=4)
     _, url, _ = demo.launch(page, port=None, block=False)
     answers = [*COMPETITION_CLASSES, demo.unknown_headline(COMPETITION_CLASSES)]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT
+from conftest import ROOT, first_known
 from kit.config import COMPETITION_CLASSES, Workdir
 from kit.dataset import load_resized
 from kit.predict import Predictor, load_model, weights_path
@@ -66,7 +66,7 @@ def test_unknown_cars_are_said_to_be_none_of_its_classes(smoke_run, real_photos)
     loaded = load_model(weights_path(workdir))
     assert learn_known(workdir, loaded) is not None
     synthetic = sorted(workdir.test_dir.iterdir())
-    known = next(p for p in synthetic if demo.is_known(loaded, load_resized(p, Predictor(loaded, 1).short_side)))
+    known = first_known(loaded, synthetic)
     page = demo.build_demo(loaded, tta=2)
     _, url, _ = demo.launch(page, port=None, block=False)
     try:

@@ -9,8 +9,8 @@ from conftest import ROOT
 # The rooms from left to right (docs/developing.md, "The kit, module by module"): a module imports only from rooms
 # before it.
 ORDER = ["kit", "config", "files", "cli", "devices", "kaggle_api", "plots", "pth", "augment", "layout", "dataset",
-         "synthetic", "download", "pipeline", "records", "checkpoint", "manifest", "efficientnet_lite", "backbones",
-         "recipe", "inference", "novelty", "train_step", "tensorboard_log", "timer", "training", "lr_finder",
+         "synthetic", "download", "pipeline", "records", "checkpoint", "tensorboard_log", "manifest", "efficientnet_lite", "backbones",
+         "recipe", "inference", "novelty", "train_step", "timer", "training", "lr_finder",
          "stage", "predict", "cam", "report", "publish", "export", "ensemble", "pseudo", "submit", "demo",
          "notebook", "remote", "__main__"]
 LATE_ALLOWED = 10  # kit modules imported inside a function: only where they load a heavy framework (a comment says)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -71,6 +72,27 @@ def test_real_photos_go_through_tta(real_photos, smoke_model):
         Uncached([str(p) for p in real_photos], smoke_model.image_size), [p.name for p in real_photos], progress=False)
     assert len(real_photos) == 30 and unreadable == {}
     assert probs.shape == (30, 10) and np.allclose(probs.sum(axis=1), 1, atol=1e-4)
+
+
+def test_one_decode_gives_the_tta_answer_and_what_novelty_judges(tmp_path, real_photos, smoke_model):
+    """describe_many's probabilities are predict_many's; its plain view's are the prediction without TTA, and its
+    features the head's on that view (as photo_features, one photo at a time, has them); a damaged photo: NaN."""
+    from kit.predict import photo_features
+
+    damaged = tmp_path / "damaged.jpg"
+    damaged.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    paths = [str(p) for p in real_photos[:5]] + [str(damaged)]
+    images, keys = Uncached(paths, smoke_model.image_size), [Path(p).name for p in paths]
+    predictor = Predictor(smoke_model, tta=3, workers=2, batch_views=6)  # two photos a batch, the last one short
+    views, _ = predictor.predict_many(images, keys, progress=False, each_view=True)
+    probs, features, plain, unreadable = predictor.describe_many(images, keys)
+    assert list(unreadable) == ["damaged.jpg"]
+    np.testing.assert_allclose(probs, views.mean(axis=1), atol=1e-6)
+    np.testing.assert_allclose(plain, views[:, 0], atol=1e-6)
+    alone, alone_plain = photo_features(smoke_model, Uncached(paths[:1], smoke_model.image_size), keys[:1])
+    np.testing.assert_allclose(features[:1], alone, atol=1e-5)
+    np.testing.assert_allclose(plain[:1], alone_plain, atol=1e-6)
+    assert np.isnan(features[-1]).all() and np.isnan(probs[-1]).all() and not np.isnan(features[:-1]).any()
 
 
 def test_unreadable_test_image_gets_a_row_and_a_failing_exit(tmp_path, smoke_workdir):

@@ -74,7 +74,7 @@ def test_no_photo_above_the_threshold_says_what_to_do(tmp_path):
 
 
 def test_a_run_that_never_started_takes_the_list_given_now(tmp_path):
-    from kit.stage import keep_pseudo_labels
+    from kit.dataset import keep_pseudo_labels
 
     workdir = small_synthetic(tmp_path, per_class=6, test=4)
     first, second = tmp_path / "first.csv", tmp_path / "second.csv"
