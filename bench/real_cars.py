@@ -16,15 +16,17 @@ standard deviation and the ratio to chance, then the test accuracy of kit.ensemb
 
 With --variants, every variant (NAME=kit.stage flags; "recipe" alone means no flags) trains on
 the same seeds (with --folds, the same N folds of the first seed), and a last table compares each
-with the first: mean test accuracy, the difference
-and its standard error over the seeds, and the ensemble of each variant's seeds. Two extra steps
+with the first: mean test accuracy, the difference and its standard error over the seeds, and
+the ensemble of each variant's seeds. Extra steps
 are variants too: "+final-fit" adds kit.stage --final-fit after the stages, "+N:--flag=value" overrides
-one stage's row (e.g. "+7:--image-size=320"; the stages then run one by one), and "+pseudo=P" trains
+one stage's row (e.g. "+7:--image-size=320"; the stages then run one by one), "+pseudo=P" trains
 the recipe, labels the test photos predicted with probability >= P (kit.pseudo), and trains a
-second run with them. With --folds and --variants, each variant's folds are one member of an
-out-of-fold ensemble: kit.ensemble --oof reports each member's cross-validated accuracy, and the
-test accuracy of the plain mean of every run is set against the members weighted by their
-out-of-fold probabilities (--weights oof).
+second run with them; "+pseudo-folds=P" takes the labels from the 5-fold ensemble of the first
+seed instead (trained once, shared by every seed's run, its own test accuracy printed).
+With --folds and --variants, each variant's folds are one member of an out-of-fold ensemble:
+kit.ensemble --oof reports each member's cross-validated accuracy, and the test accuracy of the
+plain mean of every run is set against the members weighted by their out-of-fold probabilities
+(--weights oof).
 """
 
 from __future__ import annotations
@@ -67,11 +69,16 @@ def one_run(data: Path, folder: Path, seed: int, fold: str, profile: str, train_
     flags = [a for a in train_args if not a.startswith("+")]
     started = time.time()
     kit("kit.download", "--from-dir", str(data), *where)
-    pseudo = [a.split("=", 1)[1] for a in extra if a.startswith("+pseudo=")]
-    if pseudo:  # a first run labels the test photos; the measured run trains on them too
-        first = one_run(data, folder.with_name(folder.name + "-teacher"), seed, fold, profile, flags, tta)
+    pseudo = [a.split("=", 1) for a in extra if a.startswith(("+pseudo=", "+pseudo-folds="))]
+    if pseudo:  # a teacher labels the test photos; the measured run trains on them too
+        kind, threshold = pseudo[0]
+        if kind == "+pseudo":
+            teacher = one_run(data, folder.with_name(folder.name + "-teacher"), seed, fold, profile, flags, tta)
+            source = teacher["workdir"]
+        else:
+            source = fold_teacher(data, folder.parent / "teacher-folds", seed, profile, flags, tta)
         labels = folder / "pseudo_labels.csv"
-        kit("kit.pseudo", "--from", str(first["workdir"]), "--threshold", pseudo[0], "--out", str(labels))
+        kit("kit.pseudo", "--from", str(source), "--threshold", threshold, "--out", str(labels))
         flags += ["--pseudo-labels", str(labels)]
     run_flags = ["--seed", str(seed), *(["--fold", fold] if fold else []), *flags, *where]
     per_stage = stage_flags(extra)
@@ -91,6 +98,25 @@ def one_run(data: Path, folder: Path, seed: int, fold: str, profile: str, train_
     return {"run": fold or str(seed), "val": metrics["validation"]["accuracy"]["no TTA"], "test": test["no TTA"],
             "test_tta": test[f"TTA {tta}"], "classes": len(metrics["classes"]), "train_s": trained,
             "workdir": workdir}
+
+
+TEACHER_FOLDS = 5
+_teachers: dict[Path, Path] = {}
+
+
+def fold_teacher(data: Path, folder: Path, seed: int, profile: str, flags: list[str], tta: int) -> Path:
+    """The probabilities of the 5-fold ensemble of one seed (kit.ensemble), trained once per bench run and shared
+    by every seed's student, so the students differ only in their own seed."""
+    if folder not in _teachers:
+        runs = [one_run(data, folder / f"fold{k}", seed, f"{k}/{TEACHER_FOLDS}", profile, flags, tta)
+                for k in range(1, TEACHER_FOLDS + 1)]
+        out = folder / "ensemble.csv"
+        accuracy = ensemble_accuracy([r["workdir"] for r in runs], out)
+        each = ", ".join(f"{r['test_tta']:.4f}" for r in runs)
+        print(f"teacher: the {TEACHER_FOLDS} folds of seed {seed}, test TTA {each}; their ensemble {accuracy:.4f}",
+              flush=True)
+        _teachers[folder] = out.with_name(out.stem + ".probabilities.csv")
+    return _teachers[folder]
 
 
 def stage_flags(extra: list[str]) -> dict[int, list[str]]:

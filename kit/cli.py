@@ -58,7 +58,8 @@ def add_workdir(parser: argparse.ArgumentParser) -> None:
         "on Colab, a folder on Google Drive)",
     )
     parser.add_argument("--profile", choices=sorted(PROFILES), default=DEFAULT_PROFILE,
-                        help="colab: EfficientNetB6, the seven-stage recipe (default); modern: the recipe with AdamW; "
+                        help="colab: EfficientNetB6, the seven-stage recipe, BatchNorm frozen (default); modern: the "
+                             "recipe with the options measured to help (today colab's own); "
                              "cpu: EfficientNet-Lite0 (ImageNet weights from pip), the stages sized for a CPU; "
                              "smoke: tiny, synthetic, "
                              "minutes on a CPU, kept in <workdir>/smoke")

@@ -208,14 +208,17 @@ def test_bad_option_values_are_refused_in_one_paragraph(tmp_path, capsys, flags,
     assert code == 2 and message in " ".join(error.split()) and "Traceback" not in error
 
 
-def test_the_modern_profile_is_the_recipe_with_its_options_on(tmp_path):
-    from kit.config import MODERN_OPTIONS
+def test_the_profiles_freeze_batchnorm_as_measured_and_the_2021_recipe_stays_reachable(tmp_path):
+    from kit.config import RECIPE_OPTIONS
 
-    plan = stage_plan(None, PROFILES["modern"], 5, Requested(), Workdir(tmp_path))
-    assert plan.options == MODERN_OPTIONS and plan.stage == stage_of(PROFILES["colab"], 5)
+    for name in ("colab", "modern"):  # modern: the recipe with what was measured to help, today colab's own
+        plan = stage_plan(None, PROFILES[name], 5, Requested(), Workdir(tmp_path))
+        assert plan.options == RECIPE_OPTIONS and plan.options.bn == "frozen"
+        assert plan.stage == stage_of(PROFILES["colab"], 5)
+    as_in_2021 = stage_plan(None, PROFILES["colab"], 5, Requested(options={"bn": "train"}), Workdir(tmp_path))
+    assert as_in_2021.options == TrainingOptions()  # every option off, BatchNorm trained: the 2021 recipe
     with_ema = stage_plan(None, PROFILES["modern"], 5, Requested(options={"ema": 0.999}), Workdir(tmp_path))
-    assert with_ema.options.ema == 0.999 and with_ema.options.weight_decay == MODERN_OPTIONS.weight_decay
-    assert stage_plan(None, PROFILES["colab"], 5, Requested(), Workdir(tmp_path)).options == TrainingOptions()
+    assert with_ema.options.ema == 0.999 and with_ema.options.bn == "frozen"
     cpu = stage_plan(None, PROFILES["cpu"], 4, Requested(), Workdir(tmp_path))  # as measured on stanford5
     assert cpu.options.bn == "frozen" and PROFILES["cpu"].backbone == "efficientnet-lite0"
     trained = stage_plan(None, PROFILES["cpu"], 4, Requested(options={"bn": "train"}), Workdir(tmp_path))
