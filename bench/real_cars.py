@@ -59,7 +59,8 @@ def kit(*args: str) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3", "NO_ALBUMENTATIONS_UPDATE": "1"}
     result = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env, cwd=ROOT)
     if result.returncode != 0:
-        raise SystemExit(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
+        raise SystemExit(f"{' '.join(args)} failed ({result.returncode}):\n"
+                         f"{result.stdout[-2000:]}{result.stderr[-2000:]}")
 
 
 def one_run(data: Path, folder: Path, seed: int, fold: str, profile: str, train_args: list[str], tta: int) -> dict:
