@@ -73,7 +73,8 @@ def unknown_headline(classes: Sequence[str]) -> str:
 
 def build_demo(loaded: LoadedModel, tta: int = TTA_VIEWS, examples: Sequence[Path] = ()) -> gr.Blocks:
     """The page; the model is loaded once by the caller and shared by every request."""
-    single, augmented = Predictor(loaded, 1), Predictor(loaded, tta)
+    # One photo a request, one photo a forward pass: padded to a batch of 32 inputs it would cost 32 (TTA 10: 3) times.
+    single, augmented = Predictor(loaded, 1, batch_views=1), Predictor(loaded, tta, batch_views=tta)
 
     def classify(photo: str | None, use_tta: bool) -> dict:
         """Top car models for the photo; a headline instead of the first where it is none of them."""
@@ -86,11 +87,11 @@ def build_demo(loaded: LoadedModel, tta: int = TTA_VIEWS, examples: Sequence[Pat
             raise gr.Error(f"This file could not be read as a photo ({error}). Upload a JPEG, PNG or WebP "
                            "picture of a car.", print_exception=False) from None
         if loaded.known is None:
-            ranked, known = predictor.ranking(predictor.predict_views(predictor.views_of(image, "upload"))[0]), True
+            probs, known = predictor.predict_views(predictor.views_of(image, "upload")), True
         else:  # kit.novelty, on the plain view of the same batch
             probs, features, plain, _ = predictor.describe_many([image], ["upload"])
-            ranked, known = predictor.ranking(probs[0]), bool(loaded.known.is_known(features, plain)[0])
-        confidences = dict(ranked[:TOP_CLASSES])
+            known = bool(loaded.known.is_known(features, plain)[0])
+        confidences = dict(predictor.ranking(probs[0])[:TOP_CLASSES])
         return confidences if known else {"headline": unknown_headline(loaded.classes), "confidences": confidences}
 
     def explain(photo: str | None, show: bool) -> np.ndarray | None:
